@@ -1,0 +1,35 @@
+# batctl: the two commands a fresh machine needs are `make demo` and `make test`.
+#
+# torch is installed first and pinned explicitly: letting pip resolve a bare `torch` on a machine
+# without it downloads a CUDA build of several GB. Override for your machine, e.g.
+#   make test TORCH_VERSION=2.5.1 TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu124
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint bench clean
+
+install:
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(PIP) install --quiet -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m batctl demo
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PYTHON) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint:
+	$(PYTHON) -m ruff check batctl stages tests benchmarks
+	$(PYTHON) -m ruff format --check batctl stages tests benchmarks
+
+bench: install
+	$(PYTHON) benchmarks/read_throughput.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

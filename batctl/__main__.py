@@ -1,0 +1,5 @@
+"""`python -m batctl`."""
+
+from batctl.cli import main
+
+main()

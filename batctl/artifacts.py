@@ -1,0 +1,419 @@
+"""Output directories that are complete or absent, never half-written.
+
+Every stage writes one output directory through `open_output`:
+
+1. take an advisory lock (`.NAME.lock` beside the output), so two processes never write one output;
+2. compare the existing output's manifest with this run's stage, params and input fingerprints:
+   the same -> `UpToDate` (do nothing); different, or a directory batctl did not write ->
+   refuse unless `force`;
+3. hand the stage a temporary sibling (`.NAME.tmp-PID`), or for resumable stages a persistent
+   `.NAME.partial` whose `partial.json` must match this run's inputs to be resumed;
+4. on success write `manifest.json` last (fsynced), then rename the sibling into place.
+
+A run killed at any point leaves either the previous output or nothing at the output path; the
+temporary sibling is cleaned by the next run that takes the lock. `describe()` is what
+`batctl info` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batctl import __version__
+from batctl.errors import BatctlError, UpToDate
+
+MANIFEST = "manifest.json"
+PARTIAL = "partial.json"
+PROGRESS = "progress.json"
+MIB = 1 << 20
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_file(path: Path, strict: bool = False) -> str:
+    """Fingerprint of one data file, as a hex sha256.
+
+    Default: size + mtime + the first and last MiB, so a multi-GB LAION shard costs two reads.
+    `strict`: size + the whole content, no mtime (a copied file keeps its fingerprint).
+    """
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        if strict:
+            h.update(f"size={st.st_size};".encode())
+            for block in iter(lambda: fh.read(4 * MIB), b""):
+                h.update(block)
+        else:
+            h.update(f"size={st.st_size};mtime={st.st_mtime_ns};".encode())
+            h.update(fh.read(MIB))
+            if st.st_size > MIB:
+                fh.seek(max(MIB, st.st_size - MIB))
+                h.update(fh.read(MIB))
+    return h.hexdigest()
+
+
+def fingerprint_dir(path: Path, strict: bool = False) -> str:
+    """Fingerprint of a data directory (image folder, model dir): its files' names and fingerprints."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # locks, caches and our own temporary siblings are not content
+        h.update(f"{rel}={fingerprint_file(file, strict)};".encode())
+    return h.hexdigest()
+
+
+def fingerprint_artifact(path: Path) -> str:
+    """Fingerprint of a batctl output: the hash of its manifest (it names every input and param)."""
+    return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+
+
+def describe_input(ref: str | Path, strict: bool = False) -> dict[str, str]:
+    """What a manifest records for one input: path, kind and fingerprint.
+
+    `ref` is a file, a directory (a batctl artifact if it holds manifest.json) or, when nothing
+    exists at that path, a hub id such as `runwayml/stable-diffusion-v1-5`.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return {
+            "path": str(path.resolve()),
+            "kind": "file",
+            "fingerprint": fingerprint_file(path, strict),
+        }
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return {
+                "path": str(path.resolve()),
+                "kind": "artifact",
+                "fingerprint": fingerprint_artifact(path),
+            }
+        return {
+            "path": str(path.resolve()),
+            "kind": "dir",
+            "fingerprint": fingerprint_dir(path, strict),
+        }
+    return {"path": str(ref), "kind": "hub", "fingerprint": f"hub:{ref}"}
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def utcnow() -> str:
+    """Now, as an ISO 8601 UTC timestamp with seconds."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of output `path`, or None when it has none (absent, partial or foreign)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BatctlError(
+            f"{Path(path) / MANIFEST} is not valid JSON ({exc}); delete the directory or pass --force"
+        ) from None
+
+
+def is_complete(path: Path) -> bool:
+    """True when `path` is a finished batctl output (its manifest exists)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def diff_runs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between an existing manifest and this run (stage, params, inputs)."""
+    out: list[str] = []
+    if old.get("stage") != new["stage"]:
+        out.append(f"stage {old.get('stage')!r} -> {new['stage']!r}")
+    old_params, new_params = old.get("params", {}), new["params"]
+    for key in sorted(set(old_params) | set(new_params)):
+        if old_params.get(key) != new_params.get(key):
+            out.append(f"{key}: {old_params.get(key)!r} -> {new_params.get(key)!r}")
+    old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
+    for key in sorted(set(old_inputs) | set(new_inputs)):
+        if old_inputs.get(key) != new_inputs.get(key):
+            out.append(f"input {key} changed")
+    return out
+
+
+# --------------------------------------------------------------------------- locks
+
+
+@contextlib.contextmanager
+def output_lock(path: Path, name: str | None = None) -> Iterator[Path]:
+    """Hold the advisory lock `.NAME.lock` beside output `path` for the duration.
+
+    Raises BatctlError naming the holder's pid when another process has it. The lock file is
+    left behind on purpose: deleting it would let a third process lock a different inode.
+    """
+    path = Path(path)
+    lock_path = path.parent / f".{name or path.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise BatctlError(
+                f"{path} is being written by another batctl process (pid {holder}); "
+                "wait for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+# --------------------------------------------------------------------------- output dirs
+
+
+@dataclass
+class Output:
+    """A stage's output being written. Write files under `work`; they appear at `path` on success."""
+
+    path: Path
+    work: Path
+    stage: str
+    params: dict[str, Any]
+    inputs: dict[str, Any]
+    started: str
+    resumed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def progress(self, done: int, total: int, unit: str) -> None:
+        """Record how far a long stage has got (shown by `batctl info` while it runs or after a kill)."""
+        _write_json_durably(
+            self.work / PROGRESS, {"done": done, "total": total, "unit": unit, "updated": utcnow()}
+        )
+
+
+def _run_identity(
+    stage: str, params: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {"stage": stage, "params": dict(params), "inputs": dict(inputs)}
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_existing(path: Path, identity: Mapping[str, Any], force: bool) -> None:
+    """Decide what an existing output means for this run: UpToDate, refusal, or go ahead."""
+    if not path.exists() or _is_empty_dir(path):
+        return
+    if not path.is_dir():
+        if force:
+            return
+        raise BatctlError(
+            f"{path} exists and is a file, not an output directory; pass --force to replace it"
+        )
+    manifest = read_manifest(path)
+    if manifest is None:
+        if force:
+            return
+        raise BatctlError(
+            f"{path} exists and was not written by batctl (no {MANIFEST}); "
+            "choose another --out or pass --force to replace it"
+        )
+    differences = diff_runs(manifest, identity)
+    if not differences and not force:
+        raise UpToDate(path)
+    if differences and not force:
+        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+        raise BatctlError(
+            f"{path} holds a different {manifest.get('stage', '?')} output ({shown}); "
+            "pass --force to replace it or choose another --out"
+        )
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def partial_dir(path: Path) -> Path:
+    """Where a resumable stage keeps its unfinished work for output `path`."""
+    path = Path(path)
+    return path.parent / f".{path.name}.partial"
+
+
+def _open_partial(path: Path, identity: Mapping[str, Any], force: bool) -> tuple[Path, bool]:
+    work = partial_dir(path)
+    if work.exists():
+        try:
+            recorded = json.loads((work / PARTIAL).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            recorded = None
+        if recorded is not None and not diff_runs(recorded, identity):
+            return work, True
+        if not force:
+            differences = diff_runs(recorded, identity) if recorded else ["no partial.json"]
+            raise BatctlError(
+                f"{work} holds unfinished work from a run with other inputs or params "
+                f"({'; '.join(differences[:4])}); pass --force to discard it and start over"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _write_json_durably(work / PARTIAL, {**identity, "started": utcnow()})
+    return work, False
+
+
+def _publish(work: Path, path: Path) -> None:
+    """Move a finished work dir to `path`, replacing what is there (already checked or forced)."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+    os.rename(work, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def _list_outputs(work: Path) -> dict[str, int]:
+    return {
+        p.relative_to(work).as_posix(): p.stat().st_size
+        for p in sorted(work.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, PARTIAL, PROGRESS)
+    }
+
+
+@contextlib.contextmanager
+def open_output(
+    path: str | Path,
+    *,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    force: bool = False,
+    resumable: bool = False,
+) -> Iterator[Output]:
+    """Write one stage output atomically; see the module docstring for the protocol.
+
+    Inputs: the output path, the stage name, the effective params (JSON-ready) and the inputs
+    (name -> `describe_input` dict, or a list of them). Yields an `Output` whose `work` directory
+    the stage fills. Raises `UpToDate` when nothing needs doing and `BatctlError` when the output
+    must not be touched. With `resumable`, work survives a crash in `.NAME.partial` and is
+    resumed only by a run with identical params and inputs (`Output.resumed` says so).
+    """
+    path = Path(path).absolute()
+    identity = _run_identity(stage, params, inputs)
+    with output_lock(path):
+        check_existing(path, identity, force)
+        _remove_stale_siblings(path)
+        if resumable:
+            work, resumed = _open_partial(path, identity, force)
+        else:
+            work, resumed = path.parent / f".{path.name}.tmp-{os.getpid()}", False
+            work.mkdir(parents=True)
+            # Lets `batctl info` say what a running or killed stage was doing.
+            _write_json_durably(work / PARTIAL, {**identity, "started": utcnow()})
+        output = Output(path, work, stage, dict(params), dict(inputs), utcnow(), resumed)
+        try:
+            yield output
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        manifest = {
+            **identity,
+            "version": __version__,
+            "outputs": _list_outputs(work),
+            "started": output.started,
+            "finished": utcnow(),
+            "host": socket.gethostname(),
+            **output.extra,
+        }
+        for leftover in (PARTIAL, PROGRESS):
+            (work / leftover).unlink(missing_ok=True)
+        _write_json_durably(work / MANIFEST, manifest)
+        _fsync_dir(work)
+        _publish(work, path)
+
+
+# --------------------------------------------------------------------------- batctl info
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What is at `path`, for `batctl info`: a finished output, unfinished work, or neither.
+
+    Returns a JSON-ready dict with `state` one of complete, partial, running, absent, foreign.
+    """
+    path = Path(path).absolute()
+    if path.name.endswith(".partial") and path.name.startswith("."):
+        path = path.parent / path.name[1 : -len(".partial")]
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        return {"path": str(path), "state": "complete", **manifest}
+    work = partial_dir(path)
+    running = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    if work.is_dir() or running:
+        holder = work if work.is_dir() else running[0]
+        info: dict[str, Any] = {"path": str(path), "state": "partial", "work": str(holder)}
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            info.update(json.loads((holder / PARTIAL).read_text(encoding="utf-8")))
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            info["progress"] = json.loads((holder / PROGRESS).read_text(encoding="utf-8"))
+        if _lock_is_held(path):
+            info["state"] = "running"
+        return info
+    if path.exists():
+        return {"path": str(path), "state": "foreign"}
+    return {"path": str(path), "state": "absent"}
+
+
+def _lock_is_held(path: Path) -> bool:
+    lock_path = path.parent / f".{path.name}.lock"
+    if not lock_path.exists():
+        return False
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

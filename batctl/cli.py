@@ -1,0 +1,243 @@
+"""The `batctl` command line: one command per stage, flags generated from each stage's config.
+
+This module only parses: it turns flags (and `--config FILE.toml`) into a stage's config
+dataclass, calls `batctl.stages.<name>.run(config)` and maps the outcome to an exit code
+(0 done or up to date, 1 failure, 2 usage error). Stage modules are imported lazily, so
+`batctl --help` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from batctl import __version__
+from batctl.config import FieldSpec, field_specs, flag_name, read_toml
+from batctl.console import error, print_result, setup_logging, stderr
+from batctl.errors import BatctlError, UpToDate, UsageError
+from batctl.stages.demo import DemoConfig
+from batctl.stages.eval import EvalConfig
+from batctl.stages.score import ScoreConfig
+from batctl.stages.select import SelectConfig
+from batctl.stages.surrogate import SurrogateConfig
+from batctl.stages.train import TrainConfig
+
+app = typer.Typer(
+    name="batctl",
+    help="Backbone Augmented Training: score a backbone's own pretraining data by influence, "
+    "select the samples that help, and train adapters on the augmented set.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+STAGES: dict[str, tuple[type, str]] = {
+    "surrogate": (SurrogateConfig, "Train a cheap surrogate adapter on the adaptation set D_A."),
+    "score": (ScoreConfig, "Score every backbone pool sample by its influence on D_A (resumable)."),
+    "select": (SelectConfig, "Select pool samples at one or more γ from a score store."),
+    "train": (TrainConfig, "Train the final adapter on D_A plus a selection (or D_A alone)."),
+    "eval": (EvalConfig, "Evaluate adapters on held-out data; writes metrics.json and report.md."),
+    "demo": (DemoConfig, "Run the whole pipeline on the embedded default data, offline."),
+}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"batctl {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """Backbone Augmented Training from the command line."""
+
+
+def _invoke(action: Callable[[], dict[str, Any] | None], as_json: bool, debug: bool) -> None:
+    """Run `action`, print its result, and turn expected failures into one line and an exit code."""
+    setup_logging(debug)
+    try:
+        result = action()
+    except UpToDate as done:
+        stderr.print(f"{done.path} is up to date: nothing to do", highlight=False, markup=False)
+        if as_json:
+            print_result({"status": "up to date", "path": str(done.path)}, as_json=True)
+        raise typer.Exit(0) from None
+    except BatctlError as exc:
+        if debug:
+            traceback.print_exc()
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            error(escape(line))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        error("interrupted")
+        raise typer.Exit(130) from None
+    if result is not None:
+        print_result(result, as_json)
+
+
+def _option_help(spec: FieldSpec) -> str:
+    parts = [spec.doc]
+    if spec.default not in (None, (), False):
+        shown = spec.default.as_posix() if isinstance(spec.default, Path) else spec.default
+        parts.append(f"(default: {shown})")
+    if spec.multiple:
+        parts.append("Repeatable.")
+    return " ".join(parts)
+
+
+def _metavar(spec: FieldSpec) -> str:
+    if spec.choices:
+        return "|".join(spec.choices)
+    return {int: "INT", float: "FLOAT", Path: "PATH", str: "TEXT", bool: ""}[spec.base]
+
+
+def _option_parameter(spec: FieldSpec) -> inspect.Parameter:
+    """A Typer option for one config field. Its default is None, meaning "not on the command line"."""
+    flag = flag_name(spec.name)
+    if spec.base is bool:
+        annotation: Any = Optional[bool]  # noqa: UP045 - Typer reads the annotation at runtime
+        option = typer.Option(None, flag, help=_option_help(spec), show_default=False)
+    else:
+        base = str if spec.choices else spec.base
+        annotation = Optional[list[base]] if spec.multiple else Optional[base]  # noqa: UP045
+        option = typer.Option(
+            None, flag, help=_option_help(spec), show_default=False, metavar=_metavar(spec)
+        )
+    return inspect.Parameter(
+        spec.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+    )
+
+
+def _common_parameters() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter(
+            "config_file",
+            kw,
+            annotation=Optional[Path],  # noqa: UP045
+            default=typer.Option(
+                None,
+                "--config",
+                metavar="FILE.toml",
+                help="Read flags from a TOML file; the command line wins.",
+            ),
+        ),
+        inspect.Parameter(
+            "json_output",
+            kw,
+            annotation=bool,
+            default=typer.Option(False, "--json", help="Print the result as JSON."),
+        ),
+        inspect.Parameter(
+            "debug",
+            kw,
+            annotation=bool,
+            default=typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+        ),
+    ]
+
+
+def build_config(name: str, cli_values: dict[str, Any], config_file: Path | None) -> Any:
+    """Parse one stage's flags (command line over TOML) into its config; UsageError lists every problem."""
+    config_cls = STAGES[name][0]
+    toml = read_toml(config_file, name) if config_file is not None else None
+    config, problems = config_cls.from_sources(cli_values, toml, config_file)
+    if problems:
+        raise UsageError("\n".join(problems))
+    return config
+
+
+def _register_stage(name: str, config_cls: type, help_text: str) -> None:
+    specs = field_specs(config_cls)
+
+    def command(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config_file")
+        as_json = kwargs.pop("json_output")
+        debug = kwargs.pop("debug")
+
+        def action() -> dict[str, Any] | None:
+            config = build_config(name, kwargs, config_file)
+            stage = importlib.import_module(f"batctl.stages.{name}")
+            return stage.run(config)
+
+        _invoke(action, as_json, debug)
+
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [_option_parameter(s) for s in specs] + _common_parameters()
+    )
+    command.__name__ = name
+    app.command(name, help=help_text, no_args_is_help=False)(command)
+
+
+for _name, (_cls, _help) in STAGES.items():
+    _register_stage(_name, _cls, _help)
+
+
+@app.command("info")
+def info_command(
+    path: Path = typer.Argument(..., help="An output directory, a model directory or a pool file."),
+    json_output: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """What an artifact is: stage, params, inputs, outputs, and how far unfinished work has got."""
+    from batctl.info import describe_path, render
+
+    def action() -> None:
+        description = describe_path(path)
+        if json_output:
+            print_result(description, as_json=True)
+        else:
+            render(description)
+        if description["state"] == "absent":
+            raise BatctlError(f"{path}: nothing there")
+
+    _invoke(action, json_output, debug)
+
+
+@app.command("tiny")
+def tiny_command(
+    family: str = typer.Argument(..., metavar="lm|diffusion", help="Which tiny backbone to build."),
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="Where to save it (save_pretrained layout)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """A tiny random backbone with an offline tokenizer, for tests and CI smoke runs (no network)."""
+
+    def action() -> dict[str, Any]:
+        if family not in ("lm", "diffusion"):
+            raise UsageError(f"FAMILY must be lm or diffusion, got {family!r}")
+        from batctl.tiny import write_tiny
+
+        return write_tiny(family, directory, seed=seed, force=force)
+
+    _invoke(action, json_output, debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

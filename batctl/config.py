@@ -1,0 +1,403 @@
+"""Stage configs: small frozen dataclasses whose field docstrings are the CLI's help.
+
+A config field is declared once, with its type, default and a docstring right below it::
+
+    @dataclass(frozen=True)
+    class ScoreConfig(StageConfig):
+        batch_size: int = 32
+        \"\"\"Pool samples per forward/backward pass.\"\"\"
+
+`batctl.cli` turns every field into a kebab-case flag (`--batch-size`) whose help is that
+docstring, merges a `--config FILE.toml` under the command line, and calls `problems()` so every
+bad flag is reported at once, each naming its flag.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from batctl.errors import UsageError
+
+OPERATIONAL = "operational"
+
+
+def operational(default: Any) -> Any:
+    """A field that changes how a stage runs but not what it produces (`--force`, `--json`).
+
+    Operational fields are left out of the manifest's params, so they never make an output
+    look out of date.
+    """
+    return dataclasses.field(default=default, metadata={OPERATIONAL: True})
+
+
+def flag_name(field_name: str) -> str:
+    """`batch_size` -> `--batch-size`."""
+    return "--" + field_name.replace("_", "-")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written right below the field, over the class and its bases.
+
+    Python keeps no attribute docstrings at runtime, so they are read from the source with `ast`.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """What the CLI needs to know about one config field."""
+
+    name: str
+    base: type  # str, int, float, bool or Path
+    multiple: bool  # a tuple field: the flag may repeat
+    choices: tuple[str, ...] | None
+    default: Any
+    doc: str
+    operational: bool
+
+
+def _unwrap(annotation: Any) -> tuple[type, bool, tuple[str, ...] | None]:
+    """Reduce `int | None`, `tuple[str, ...]`, `Literal[...]` to (base type, multiple, choices)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {annotation!r}")
+        return _unwrap(args[0])
+    if origin is tuple:
+        base, _, choices = _unwrap(typing.get_args(annotation)[0])
+        return base, True, choices
+    if origin is Literal:
+        return str, False, tuple(typing.get_args(annotation))
+    if annotation in (str, int, float, bool, Path):
+        return annotation, False, None
+    raise TypeError(f"unsupported config annotation {annotation!r}")
+
+
+@functools.cache
+def field_specs(cls: type) -> tuple[FieldSpec, ...]:
+    """One FieldSpec per dataclass field of `cls`, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        base, multiple, choices = _unwrap(hints[f.name])
+        if f.name not in docs:
+            raise TypeError(f"{cls.__name__}.{f.name} has no docstring: the CLI help comes from it")
+        specs.append(
+            FieldSpec(
+                name=f.name,
+                base=base,
+                multiple=multiple,
+                choices=choices,
+                default=f.default,
+                doc=docs[f.name],
+                operational=bool(f.metadata.get(OPERATIONAL)),
+            )
+        )
+    return tuple(specs)
+
+
+def _coerce(spec: FieldSpec, value: Any, source: str) -> tuple[Any, str | None]:
+    """Convert one value from TOML or the command line to the field's type, or say why not."""
+    flag = flag_name(spec.name)
+    if spec.multiple:
+        items = value if isinstance(value, list | tuple) else [value]
+        out = []
+        for item in items:
+            converted, problem = _coerce(dataclasses.replace(spec, multiple=False), item, source)
+            if problem:
+                return None, problem
+            out.append(converted)
+        return tuple(out), None
+    if value is None:
+        return None, None
+    base = spec.base
+    try:
+        if base is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            converted: Any = value
+        elif base is int:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise ValueError
+            converted = int(value)
+        elif base is float:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
+            converted = float(value)
+        elif base is Path:
+            converted = Path(str(value))
+        else:
+            if not isinstance(value, str | int | float):
+                raise ValueError
+            converted = str(value)
+    except ValueError:
+        return None, f"{flag}: expected {base.__name__}, got {value!r} ({source})"
+    if spec.choices and converted not in spec.choices:
+        return None, f"{flag}: {converted!r} is not one of {', '.join(spec.choices)} ({source})"
+    return converted, None
+
+
+def read_toml(path: Path, command: str) -> dict[str, Any]:
+    """The flags a `--config FILE.toml` gives for `command`, keys as field names.
+
+    A file may hold the flags at top level, or one table per command (`[score]`, `[select]`),
+    so one file can serve a whole pipeline; then only the table named `command` is read.
+    Keys may be kebab-case (as the flags) or snake_case.
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config: {path} is not valid TOML: {exc}") from None
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    if tables:
+        data = tables.get(command, {})
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+class StageConfig:
+    """Mixin for stage configs: required flags, params for the manifest, validation."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+    """Field names that must be given, on the command line or in --config."""
+
+    @classmethod
+    def from_sources(
+        cls,
+        cli: Mapping[str, Any],
+        toml: Mapping[str, Any] | None = None,
+        toml_path: Path | None = None,
+    ) -> tuple[Any, list[str]]:
+        """Build the config from TOML values overlaid by command-line values.
+
+        `cli` maps field names to values, None meaning "not given". Returns (config or None,
+        problems); every problem names its flag. Required flags and `problems()` are checked here
+        so the user sees everything wrong in one go.
+        """
+        specs = {s.name: s for s in field_specs(cls)}
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, value in (toml or {}).items():
+            if key not in specs:
+                problems.append(f"{toml_path}: unknown key {key!r} (no flag {flag_name(key)})")
+                continue
+            converted, problem = _coerce(specs[key], value, f"in {toml_path}")
+            if problem:
+                problems.append(problem)
+            else:
+                values[key] = converted
+        for key, value in cli.items():
+            if value is None or (specs[key].multiple and len(value) == 0):
+                continue
+            converted, problem = _coerce(specs[key], value, "on the command line")
+            if problem:
+                problems.append(problem)
+            else:
+                values[key] = converted
+        for name in cls.REQUIRED:
+            if values.get(name) in (None, ()):
+                problems.append(f"{flag_name(name)} is required")
+        # Semantic checks run even when some flags were bad, on the values that did parse, so
+        # one invocation shows every problem.
+        config = cls(**values)  # type: ignore[call-arg]
+        problems += config.problems()
+        return (None if problems else config), problems
+
+    def problems(self) -> list[str]:
+        """Semantic checks beyond types and choices; each problem names its flag."""
+        return []
+
+    def params(self) -> dict[str, Any]:
+        """The effective config as JSON-ready values, without operational fields.
+
+        This is what a manifest records and what decides whether an output is up to date.
+        """
+        out: dict[str, Any] = {}
+        for spec in field_specs(type(self)):
+            if spec.operational:
+                continue
+            out[spec.name] = to_jsonable(getattr(self, spec.name))
+        return out
+
+
+def to_jsonable(value: Any) -> Any:
+    """Paths become strings, tuples lists; everything else passes through."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """`"3/8"` -> (3, 8); raises ValueError with a message for anything else."""
+    if value is None:
+        return None
+    head, sep, tail = value.partition("/")
+    if not sep or not head.strip().isdigit() or not tail.strip().isdigit():
+        raise ValueError(f"expected i/N such as 0/4, got {value!r}")
+    index, count = int(head), int(tail)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"need 0 <= i < N, got {value!r}")
+    return index, count
+
+
+# --------------------------------------------------------------------------- shared field groups
+# Stage configs inherit these groups so a flag means the same thing in every command.
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions(StageConfig):
+    """Where a stage writes and whether it may replace what is there."""
+
+    out: Path | None = None
+    """Output directory. Written atomically; manifest.json inside marks it complete."""
+
+    force: bool = operational(False)
+    """Replace an existing output even if it differs from this run or was not written by batctl."""
+
+    strict_fingerprints: bool = operational(False)
+    """Fingerprint input files by their whole content instead of size, mtime and first/last MiB."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions(OutputOptions):
+    """The frozen backbone."""
+
+    model: str | None = None
+    """Backbone: a local directory or a hub id (a diffusers pipeline, or a causal LM)."""
+
+    task: Literal["auto", "lm", "diffusion"] = "auto"
+    """Model family; auto detects it (model_index.json means diffusion, *ForCausalLM means lm)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision the backbone is loaded in; adapters train in fp32."""
+
+    trust_remote_code: bool = False
+    """Allow a hub model to run its own Python code. Off unless you trust the model's authors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions(ModelOptions):
+    """The adaptation set D_A and how samples become model inputs."""
+
+    data: str | None = None
+    """Adaptation set D_A: a JSON/JSONL/text file, a webdataset tar or an image folder."""
+
+    strict: bool = False
+    """Stop at the first unreadable sample instead of counting and skipping it."""
+
+    paragraphs: bool = False
+    """In .txt inputs, one sample per blank-line-separated paragraph instead of per line."""
+
+    max_length: int = 512
+    """LM: longest sequence in tokens; longer samples are truncated and the count reported."""
+
+    instance_prompt: str | None = None
+    """Diffusion: the prompt for every adaptation image, e.g. "a photo of sks dog"."""
+
+    resolution: int = 512
+    """Diffusion: images are resized and cropped to this many pixels a side."""
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.max_length < 1:
+            out.append(f"--max-length must be >= 1, got {self.max_length}")
+        if self.resolution < 8 or self.resolution % 8:
+            out.append(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions(DataOptions):
+    """An adapter and the loop that trains it (surrogate and train share these)."""
+
+    adapter: Literal["lora", "dora", "locon"] = "lora"
+    """Adapter kind: LoRA, DoRA (weight-decomposed LoRA) or LoCon (LoRA on conv layers too)."""
+
+    rank: int = 8
+    """LoRA rank r."""
+
+    alpha: float | None = None
+    """LoRA alpha (scale alpha/r); defaults to the rank."""
+
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+    targets: tuple[str, ...] = ()
+    """Module names to adapt (repeatable); default: peft's choice for the architecture; all-linear allowed."""
+
+    steps: int | None = 200
+    """Optimizer steps (ignored when --epochs is given)."""
+
+    epochs: int | None = None
+    """Passes over the training set, instead of --steps."""
+
+    batch_size: int = 4
+    """Samples per micro-batch."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+
+    seed: int = 0
+    """Seed for adapter init, data order and dropout."""
+
+    save_every: int = 0
+    """Save checkpoints/step-N every N steps (0: only the final adapter)."""
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        for name in ("rank", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                out.append(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is None and (self.steps is None or self.steps < 1):
+            out.append("--steps must be >= 1 (or give --epochs)")
+        if self.epochs is not None and self.epochs < 1:
+            out.append(f"--epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            out.append(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            out.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.warmup_steps < 0 or self.save_every < 0:
+            out.append("--warmup-steps and --save-every must be >= 0")
+        return out

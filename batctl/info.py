@@ -1,0 +1,80 @@
+"""`batctl info PATH`: what a path holds, as a dict (for --json) and as tables (for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from batctl import artifacts
+from batctl.console import print_table
+
+
+def describe_model_dir(path: Path) -> dict[str, Any] | None:
+    """A backbone directory: its family and architecture, or None when `path` is not one."""
+    if (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        return {"kind": "model", "family": "diffusion", "architecture": index.get("_class_name")}
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        archs = config.get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in archs):
+            return {"kind": "model", "family": "lm", "architecture": archs[0]}
+    if (path / "adapter_config.json").is_file():
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        return {
+            "kind": "adapter",
+            "peft_type": config.get("peft_type"),
+            "rank": config.get("r"),
+            "base_model": config.get("base_model_name_or_path"),
+        }
+    return None
+
+
+def describe_path(path: Path) -> dict[str, Any]:
+    """Everything `batctl info` knows about `path`; `state` is complete/partial/running/foreign/absent."""
+    description = artifacts.describe(path)
+    if description["state"] in ("complete", "foreign") and Path(path).is_dir():
+        model = describe_model_dir(Path(path))
+        if model is not None:
+            description.update(model)
+    return description
+
+
+def render(description: dict[str, Any]) -> None:
+    """Print a description as readable tables on stdout."""
+    state = description["state"]
+    head = [("path", description["path"]), ("state", state)]
+    if "stage" in description:
+        head.append(("stage", description["stage"]))
+    for key in ("kind", "family", "architecture", "peft_type", "rank", "base_model"):
+        if key in description:
+            head.append((key, description[key]))
+    for key in ("version", "started", "finished", "host"):
+        if key in description:
+            head.append((key, description[key]))
+    progress = description.get("progress")
+    if progress:
+        share = progress["done"] / progress["total"] if progress.get("total") else 0.0
+        head.append(
+            ("progress", f"{progress['done']}/{progress['total']} {progress['unit']} ({share:.0%})")
+        )
+    print_table("artifact", head)
+    if description.get("params"):
+        print_table("params", sorted(description["params"].items()))
+    if description.get("inputs"):
+        rows = []
+        for name, value in sorted(description["inputs"].items()):
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                rows.append(
+                    (
+                        name,
+                        f"{item.get('path')} [{item.get('kind')}] {item.get('fingerprint', '')[:12]}",
+                    )
+                )
+        print_table("inputs", rows)
+    if description.get("outputs"):
+        print_table(
+            "outputs", [(k, f"{v} bytes") for k, v in sorted(description["outputs"].items())]
+        )

@@ -1,0 +1,93 @@
+"""The CLI parses, exits with the documented codes, and keeps stdout for results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from batctl import __version__
+from batctl.cli import STAGES
+from batctl.config import field_specs, flag_name
+
+COMMANDS = sorted(STAGES) + ["info", "tiny"]
+
+
+def test_top_level_help_lists_every_command(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(STAGES))
+def test_stage_help_lists_every_flag_with_its_docstring(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for spec in field_specs(STAGES[command][0]):
+        assert flag_name(spec.name) in text
+        assert " ".join(spec.doc.split())[:30] in text
+    for common in ("--config", "--json", "--debug"):
+        assert common in text
+
+
+@pytest.mark.parametrize("command", ["info", "tiny"])
+def test_other_commands_have_help(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"batctl {__version__}"
+
+
+def test_missing_and_bad_flags_exit_2_listing_every_problem_without_traceback(cli):
+    result = cli("score", "--batch-size", "0", "--engine", "fast")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr
+    for expected in ("--engine", "--batch-size", "--model is required", "--pool is required"):
+        assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_unbuilt_stage_exits_2_pointing_at_the_changelog(cli, tmp_path):
+    result = cli("surrogate", "--model", "m", "--data", "d", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "not implemented yet: see CHANGELOG" in result.stderr
+
+
+def test_gamma_outside_unit_interval_is_a_usage_error(cli, tmp_path):
+    result = cli("select", "--scores", tmp_path, "--out", tmp_path / "o", "--gamma", "1.5")
+    assert result.exit_code == 2 and "outside (0, 1)" in result.stderr
+
+
+def test_info_json_goes_to_stdout_only(cli, tmp_path):
+    result = cli("info", tmp_path, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["state"] == "foreign"
+
+
+def test_info_on_nothing_fails_with_one_line(cli, tmp_path):
+    result = cli("info", tmp_path / "nope")
+    assert result.exit_code == 1
+    assert "nothing there" in result.stderr
+
+
+def test_python_dash_m_and_console_script_agree():
+    out = subprocess.run(
+        [sys.executable, "-m", "batctl", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"batctl {__version__}"
+
+
+def test_help_does_not_import_torch():
+    # `batctl --help` and `select` must start fast: heavy imports belong inside the task modules.
+    code = (
+        "import sys; from batctl.cli import app; import batctl.info; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
