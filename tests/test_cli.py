@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,46 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_batctl_tiny_builds_loadable_backbones_and_is_up_to_date_the_second_time(tmp_path):
+    lm, diffusion = tmp_path / "t", tmp_path / "d"
+    for family, path in (("lm", lm), ("diffusion", diffusion)):
+        done = subprocess.run(
+            ["batctl", "tiny", family, str(path), "--json"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["bytes"] < 5_000_000
+        again = subprocess.run(
+            ["batctl", "tiny", family, str(path)], capture_output=True, text=True
+        )
+        assert again.returncode == 0 and "up to date" in again.stderr
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from diffusers import StableDiffusionPipeline
+tok = AutoTokenizer.from_pretrained({str(lm)!r}); model = AutoModelForCausalLM.from_pretrained({str(lm)!r})
+ids = tok("hello world", return_tensors="pt").input_ids
+assert model(ids).logits.shape[:2] == ids.shape
+pipe = StableDiffusionPipeline.from_pretrained({str(diffusion)!r})
+image = pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+image.save({str(tmp_path / "image.png")!r})
+print(image.size)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().endswith("(32, 32)")
+    info = subprocess.run(
+        ["batctl", "info", str(diffusion), "--json"], capture_output=True, text=True
+    )
+    described = json.loads(info.stdout)
+    assert described["stage"] == "tiny" and described["family"] == "diffusion"
+
+
+def test_batctl_tiny_refuses_a_directory_it_did_not_write(cli, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    result = cli("tiny", "lm", tmp_path / "mine")
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert (tmp_path / "mine" / "keep.txt").exists()
