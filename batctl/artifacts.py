@@ -417,3 +417,66 @@ def _lock_is_held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def upstream_input(
+    path: Path, name: str, _seen: frozenset[str] = frozenset()
+) -> dict[str, Any] | None:
+    """The input called `name` (e.g. "model") of output `path` or of the nearest artifact upstream.
+
+    Walks the manifests' artifact inputs breadth-first, so a selection finds the model its
+    score store was computed with. None when no manifest on the way records one.
+    """
+    queue = [Path(path)]
+    seen = set(_seen)
+    while queue:
+        current = queue.pop(0)
+        if str(current) in seen:
+            continue
+        seen.add(str(current))
+        manifest = read_manifest(current) if current.is_dir() else None
+        if manifest is None:
+            continue
+        inputs = manifest.get("inputs", {})
+        if name in inputs and isinstance(inputs[name], dict):
+            return inputs[name]
+        for value in inputs.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict) and item.get("kind") == "artifact":
+                    queue.append(Path(item["path"]))
+    return None
+
+
+def check_same_model(artifact: Path, model: Mapping[str, Any], flag: str) -> None:
+    """Refuse an artifact built on another backbone than `model` (a describe_input dict)."""
+    recorded = upstream_input(artifact, "model")
+    if recorded is None:
+        return
+    if recorded.get("fingerprint") != model.get("fingerprint"):
+        raise BatctlError(
+            f"{flag} {artifact} was built on model {recorded.get('path')}, not {model.get('path')}; "
+            "rerun the upstream stages with this --model, or pass the --model they used"
+        )
+
+
+def require_stage(path: Path | None, stage: str, flag: str) -> Path:
+    """`path` must be a complete output of `stage`; returns it. One clear error otherwise."""
+    if path is None:
+        raise BatctlError(f"{flag} is required")
+    manifest = read_manifest(Path(path)) if Path(path).is_dir() else None
+    if manifest is None:
+        state = describe(path)["state"]
+        hint = (
+            "it is still running or was interrupted"
+            if state in ("partial", "running")
+            else "no manifest.json"
+        )
+        raise BatctlError(f"{flag} {path}: not a finished batctl {stage} output ({hint})")
+    if manifest.get("stage") != stage:
+        raise BatctlError(
+            f"{flag} {path}: a {manifest.get('stage')} output, expected a {stage} output"
+        )
+    return Path(path)

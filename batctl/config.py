@@ -330,6 +330,21 @@ class DataOptions(ModelOptions):
     resolution: int = 512
     """Diffusion: images are resized and cropped to this many pixels a side."""
 
+    # -- what the library needs from these flags (imports stay lazy: --help must not load torch)
+
+    def task_settings(self) -> Any:
+        """The TaskSettings these flags describe."""
+        from batctl.tasks.base import TaskSettings
+
+        return TaskSettings(
+            model=str(self.model),
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            max_length=self.max_length,
+            instance_prompt=self.instance_prompt,
+            resolution=self.resolution,
+        )
+
     def problems(self) -> list[str]:
         out = super().problems()
         if self.max_length < 1:
@@ -401,3 +416,29 @@ class TrainingOptions(DataOptions):
         if self.warmup_steps < 0 or self.save_every < 0:
             out.append("--warmup-steps and --save-every must be >= 0")
         return out
+
+    # -- what the library needs from these flags
+
+    def adapter_settings(self) -> Any:
+        """The AdapterSettings these flags describe."""
+        from batctl.tasks.base import AdapterSettings
+
+        return AdapterSettings(self.adapter, self.rank, self.alpha, self.dropout, self.targets)
+
+    def loop_settings(self, mix: str = "uniform", backbone_weight: float = 1.0) -> Any:
+        """The LoopSettings these flags describe."""
+        from batctl.training import LoopSettings
+
+        return LoopSettings(
+            steps=self.steps,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            lr=self.lr,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            seed=self.seed,
+            save_every=self.save_every,
+            mix=mix,
+            backbone_weight=backbone_weight,
+        )

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # one message, one line: grep-able logs
 stdout = Console(soft_wrap=True)
 T = TypeVar("T")
 
@@ -41,7 +41,8 @@ def setup_logging(debug: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
+    # Propagation stays on: the root logger has no handler in the CLI (no duplicates), and
+    # library users and pytest's caplog still see batctl's records.
 
 
 def error(message: str) -> None:

@@ -31,23 +31,54 @@ def describe_model_dir(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def describe_data(path: Path) -> dict[str, Any] | None:
+    """A pool or adaptation-set part: its format and how many samples it holds (a fast scan that
+    does not decode images), or None when `path` is no data batctl reads."""
+    from batctl.data import detect_part, open_pool
+    from batctl.errors import BatctlError
+
+    try:
+        part = detect_part(Path(path), 0)
+    except BatctlError:
+        return None
+    (rows,) = open_pool([str(path)], decode=False).row_counts()
+    found = {"kind": "data", "format": part.kind, "samples": rows}
+    if part.compression:
+        found["compression"] = part.compression
+    return found
+
+
 def describe_path(path: Path) -> dict[str, Any]:
     """Everything `batctl info` knows about `path`; `state` is complete/partial/running/foreign/absent."""
     description = artifacts.describe(path)
-    if description["state"] in ("complete", "foreign") and Path(path).is_dir():
-        model = describe_model_dir(Path(path))
-        if model is not None:
-            description.update(model)
+    if description["state"] not in ("complete", "foreign"):
+        return description
+    found = describe_model_dir(Path(path)) if Path(path).is_dir() else None
+    if found is None and description["state"] == "foreign":
+        found = describe_data(Path(path))
+    if found is not None:
+        description.update(found)
+        if description["state"] == "foreign":
+            description["state"] = "input"  # a model or data batctl reads, not one of its outputs
     return description
 
 
 def render(description: dict[str, Any]) -> None:
     """Print a description as readable tables on stdout."""
-    state = description["state"]
-    head = [("path", description["path"]), ("state", state)]
+    head = [("path", description["path"]), ("state", description["state"])]
     if "stage" in description:
         head.append(("stage", description["stage"]))
-    for key in ("kind", "family", "architecture", "peft_type", "rank", "base_model"):
+    for key in (
+        "kind",
+        "family",
+        "architecture",
+        "peft_type",
+        "rank",
+        "base_model",
+        "format",
+        "compression",
+        "samples",
+    ):
         if key in description:
             head.append((key, description[key]))
     for key in ("version", "started", "finished", "host"):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from batctl.config import TrainingOptions
-from batctl.errors import NotBuilt
 
 
 @dataclass(frozen=True)
@@ -16,6 +15,29 @@ class SurrogateConfig(TrainingOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "out")
 
 
-def run(config: SurrogateConfig) -> dict:
-    """Train the surrogate adapter; returns a summary for stdout. Not built yet (LM issue)."""
-    raise NotBuilt("surrogate")
+def run(config: SurrogateConfig) -> dict[str, Any]:
+    """Train the surrogate adapter into `--out`; returns a summary (steps, losses, sizes)."""
+    from batctl.artifacts import describe_input, open_output
+    from batctl.samples import describe_data, load_samples
+    from batctl.tasks import load_task
+    from batctl.training import train_adapter
+
+    # setup
+    inputs = {
+        "model": describe_input(config.model, config.strict_fingerprints),
+        "data": describe_data(config.data, config.strict_fingerprints),
+    }
+    with open_output(
+        config.out, stage="surrogate", params=config.params(), inputs=inputs, force=config.force
+    ) as out:
+        # load
+        adaptation = load_samples(
+            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+        )
+        task = load_task(config.task_settings(), config.task)
+        task.add_adapter(config.adapter_settings(), seed=config.seed)
+        # loop + save
+        summary = train_adapter(task, adaptation, [], config.loop_settings(), out.work)
+        summary.update(task.counters())
+        out.extra["summary"] = summary
+    return {"out": str(config.out), **summary}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from batctl.config import TrainingOptions
-from batctl.errors import NotBuilt
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,50 @@ class TrainConfig(TrainingOptions):
         return out
 
 
-def run(config: TrainConfig) -> dict:
-    """Train the final adapter; returns a summary for stdout. Not built yet (LM issue)."""
-    raise NotBuilt("train")
+SAMPLES_TAR = "samples.tar"
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
+    from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.samples import describe_data, load_samples
+    from batctl.tasks import load_task
+    from batctl.training import train_adapter
+
+    # setup: every input checked before the model is loaded
+    model = describe_input(config.model, config.strict_fingerprints)
+    inputs: dict[str, Any] = {
+        "model": model,
+        "data": describe_data(config.data, config.strict_fingerprints),
+    }
+    if config.selection is not None:
+        require_stage(config.selection, "select", "--selection")
+        check_same_model(config.selection, model, "--selection")
+        inputs["selection"] = describe_input(config.selection)
+    if config.init == "surrogate":
+        require_stage(config.surrogate, "surrogate", "--surrogate")
+        check_same_model(config.surrogate, model, "--surrogate")
+        inputs["surrogate"] = describe_input(config.surrogate)
+    with open_output(
+        config.out, stage="train", params=config.params(), inputs=inputs, force=config.force
+    ) as out:
+        # load
+        adaptation = load_samples(
+            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+        )
+        backbone = []
+        if config.selection is not None:
+            # strategy none writes an empty samples.tar: plain adaptation through the same path
+            tar = str(config.selection / SAMPLES_TAR)
+            backbone = load_samples(tar, flag="--selection", strict=True, allow_empty=True)
+        task = load_task(config.task_settings(), config.task)
+        if config.init == "surrogate":
+            task.load_adapter(config.surrogate, trainable=True)
+        else:
+            task.add_adapter(config.adapter_settings(), seed=config.seed)
+        # loop + save
+        loop = config.loop_settings(mix=config.mix, backbone_weight=config.backbone_weight)
+        summary = train_adapter(task, adaptation, backbone, loop, out.work)
+        summary.update(task.counters())
+        out.extra["summary"] = summary
+    return {"out": str(config.out), **summary}

@@ -56,7 +56,19 @@ def test_missing_and_bad_flags_exit_2_listing_every_problem_without_traceback(cl
 
 
 def test_unbuilt_stage_exits_2_pointing_at_the_changelog(cli, tmp_path):
-    result = cli("surrogate", "--model", "m", "--data", "d", "--out", tmp_path / "o")
+    result = cli(
+        "score",
+        "--model",
+        "m",
+        "--surrogate",
+        "s",
+        "--data",
+        "d",
+        "--pool",
+        "p",
+        "--out",
+        tmp_path / "o",
+    )
     assert result.exit_code == 2
     assert "not implemented yet: see CHANGELOG" in result.stderr
 
@@ -135,3 +147,12 @@ def test_batctl_tiny_refuses_a_directory_it_did_not_write(cli, tmp_path):
     result = cli("tiny", "lm", tmp_path / "mine")
     assert result.exit_code == 1 and "--force" in result.stderr
     assert (tmp_path / "mine" / "keep.txt").exists()
+
+
+def test_info_counts_the_samples_of_a_data_file(cli, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\nnot json\n')
+    result = cli("info", data, "--json")
+    assert result.exit_code == 0
+    described = json.loads(result.stdout)
+    assert described["format"] == "jsonl" and described["samples"] == 3

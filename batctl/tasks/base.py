@@ -1,0 +1,150 @@
+"""The model-family protocol (DESIGN §4): everything a stage may ask of a backbone.
+
+A family (LM, diffusion) implements `Task`. Stages, the training loop and the scoring engines
+are family-blind: they see samples, batches, per-sample losses and the adapter's trainable
+parameters, nothing else. If a stage needs an `if family == ...`, a method is missing here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from batctl.data import Sample
+
+if TYPE_CHECKING:
+    from batctl.metrics.options import EvalOptions
+
+Role = Literal["adaptation", "pool"]
+"""Adaptation samples may be rendered differently from pool samples (DreamBooth's instance prompt)."""
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """How to load the backbone and turn samples into model inputs."""
+
+    model: str
+    """Local directory or hub id."""
+
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16: the frozen backbone's precision (adapters stay fp32)."""
+
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; only ever True when the user asked for it."""
+
+    max_length: int = 512
+    """LM: tokens per sample after truncation."""
+
+    instance_prompt: str | None = None
+    """Diffusion: prompt for adaptation images."""
+
+    resolution: int = 512
+    """Diffusion: image side in pixels."""
+
+    loss_draws: int = 4
+    """Diffusion: (timestep, noise) draws averaged per sample."""
+
+    device: str | None = None
+    """torch device; default cuda when available, else cpu."""
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Which adapter to add to the backbone."""
+
+    kind: str = "lora"
+    """lora, dora or locon."""
+
+    rank: int = 8
+    """LoRA rank r."""
+
+    alpha: float | None = None
+    """LoRA alpha; None means alpha = rank (scale 1)."""
+
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+    targets: tuple[str, ...] = ()
+    """Module names to adapt; empty means the family's default."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """The requested device, else cuda when available, else cpu."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Task(abc.ABC):
+    """One model family: a frozen backbone with one trainable adapter on top."""
+
+    family: ClassVar[str]
+    """"lm" or "diffusion"."""
+
+    model: torch.nn.Module
+    """The backbone with its adapter (a peft model once an adapter is added or loaded)."""
+
+    device: torch.device
+    """Where batches and the model live."""
+
+    @abc.abstractmethod
+    def add_adapter(self, adapter: AdapterSettings, seed: int) -> None:
+        """Add a fresh adapter, initialised from `seed`; only its parameters are trainable."""
+
+    @abc.abstractmethod
+    def load_adapter(self, path: Path, trainable: bool = False) -> None:
+        """Load a saved adapter directory (as written by `save_adapter`)."""
+
+    @abc.abstractmethod
+    def save_adapter(self, path: Path) -> None:
+        """Write the adapter in peft format (and the family's native format, if it has one)."""
+
+    @abc.abstractmethod
+    def collate(self, samples: Sequence[Sample], role: Role) -> dict[str, Any]:
+        """Turn samples into one batch of model inputs on `self.device`."""
+
+    @abc.abstractmethod
+    def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of each sample in `batch`, shape [B], float32, differentiable w.r.t. the adapter."""
+
+    def remove_adapter(self) -> None:
+        """Take the adapter off without merging it, leaving the bare frozen backbone."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.unload()
+        self.model.eval()
+
+    def counters(self) -> dict[str, int]:
+        """Family-specific counts for the run summary (e.g. LM samples cut to --max-length)."""
+        return {}
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The adapter's parameters by name, in a stable order."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached fp32 copy of the adapter's parameters (for weight differences)."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.trainable_parameters().items()}
+
+    def family_metrics(
+        self, heldout: Sequence[Sample], options: EvalOptions, out_dir: Path, label: str
+    ) -> dict[str, float]:
+        """Metrics only this family can compute, for the adapter loaded now (or the bare backbone).
+
+        `eval` calls it once per row, with the model in eval mode, after it has measured the
+        family-blind held-out loss itself. `heldout`: the --data samples (role "adaptation");
+        `options`: the eval flags, already read and checked (batch size, --benchmark questions,
+        --prompts, --dino, --clip). A family may write files for the row (image grids,
+        per-question logs) under `out_dir`, with `label` (the row's name: "backbone" or the
+        adapter's) in their names. Returns metric name -> value; the default has none.
+        """
+        return {}

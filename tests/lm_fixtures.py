@@ -1,0 +1,54 @@
+"""Small LM data sets and hand-made upstream artifacts shared by the LM stage tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import webdataset as wds
+
+from batctl.artifacts import describe_input, open_output
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+def color_records(n: int, seed: int) -> list[dict]:
+    """Alpaca records of one small domain: "What color is item N?" -> "Item N is C."."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        number, color = rng.randint(1, 99), rng.choice(COLORS)
+        out.append(
+            {
+                "instruction": f"What color is item {number}?",
+                "input": "",
+                "output": f"Item {number} is {color}.",
+            }
+        )
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_selection(root: Path, model: Path, records: list[dict]) -> Path:
+    """A select-stage output whose samples.tar holds `records`, upstream of a score store on `model`.
+
+    The score and select stages are built in later issues; train only reads the selection's
+    manifest lineage and its samples.tar, both written here with the real artifact code and a
+    real webdataset.TarWriter.
+    """
+    scores = root / "scores"
+    with open_output(scores, stage="score", params={}, inputs={"model": describe_input(model)}):
+        pass
+    selection = root / "selection"
+    with open_output(
+        selection, stage="select", params={"gamma": 0.5}, inputs={"scores": describe_input(scores)}
+    ) as out:
+        with wds.TarWriter(str(out.work / "samples.tar")) as sink:
+            for i, record in enumerate(records):
+                sink.write({"__key__": f"pool-{i:04d}", "json": json.dumps(record).encode()})
+    return selection
