@@ -174,11 +174,13 @@ def diff_runs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def output_lock(path: Path, name: str | None = None) -> Iterator[Path]:
+def output_lock(path: Path, name: str | None = None, wait: bool = False) -> Iterator[Path]:
     """Hold the advisory lock `.NAME.lock` beside output `path` for the duration.
 
-    Raises BatctlError naming the holder's pid when another process has it. The lock file is
-    left behind on purpose: deleting it would let a third process lock a different inode.
+    Raises BatctlError naming the holder's pid when another process has it, or with `wait`
+    blocks until it is free (score shards queue for the store's set-up and publication). The
+    lock file is left behind on purpose: deleting it would let a third process lock a
+    different inode.
     """
     path = Path(path)
     lock_path = path.parent / f".{name or path.name}.lock"
@@ -186,7 +188,7 @@ def output_lock(path: Path, name: str | None = None) -> Iterator[Path]:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
@@ -225,7 +227,7 @@ class Output:
         )
 
 
-def _run_identity(
+def run_identity(
     stage: str, params: Mapping[str, Any], inputs: Mapping[str, Any]
 ) -> dict[str, Any]:
     return {"stage": stage, "params": dict(params), "inputs": dict(inputs)}
@@ -277,7 +279,9 @@ def partial_dir(path: Path) -> Path:
     return path.parent / f".{path.name}.partial"
 
 
-def _open_partial(path: Path, identity: Mapping[str, Any], force: bool) -> tuple[Path, bool]:
+def open_partial(path: Path, identity: Mapping[str, Any], force: bool) -> tuple[Path, bool]:
+    """The `.NAME.partial` work dir for this run: resumed when its partial.json matches `identity`,
+    created when absent, refused (or wiped with `force`) when it belongs to another run."""
     work = partial_dir(path)
     if work.exists():
         try:
@@ -340,12 +344,12 @@ def open_output(
     resumed only by a run with identical params and inputs (`Output.resumed` says so).
     """
     path = Path(path).absolute()
-    identity = _run_identity(stage, params, inputs)
+    identity = run_identity(stage, params, inputs)
     with output_lock(path):
         check_existing(path, identity, force)
         _remove_stale_siblings(path)
         if resumable:
-            work, resumed = _open_partial(path, identity, force)
+            work, resumed = open_partial(path, identity, force)
         else:
             work, resumed = path.parent / f".{path.name}.tmp-{os.getpid()}", False
             work.mkdir(parents=True)
@@ -358,20 +362,35 @@ def open_output(
             if not resumable:
                 shutil.rmtree(work, ignore_errors=True)
             raise
-        manifest = {
-            **identity,
-            "version": __version__,
-            "outputs": _list_outputs(work),
-            "started": output.started,
-            "finished": utcnow(),
-            "host": socket.gethostname(),
-            **output.extra,
-        }
-        for leftover in (PARTIAL, PROGRESS):
-            (work / leftover).unlink(missing_ok=True)
-        _write_json_durably(work / MANIFEST, manifest)
-        _fsync_dir(work)
-        _publish(work, path)
+        finish_output(work, path, identity, output.started, output.extra)
+
+
+def finish_output(
+    work: Path,
+    path: Path,
+    identity: Mapping[str, Any],
+    started: str,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the manifest into a finished work dir (last, fsynced) and rename it to `path`.
+
+    The caller holds the output lock. `identity` is `run_identity(...)`; `extra` adds entries
+    such as a summary to the manifest.
+    """
+    manifest = {
+        **identity,
+        "version": __version__,
+        "outputs": _list_outputs(work),
+        "started": started,
+        "finished": utcnow(),
+        "host": socket.gethostname(),
+        **(extra or {}),
+    }
+    for leftover in (PARTIAL, PROGRESS):
+        (work / leftover).unlink(missing_ok=True)
+    _write_json_durably(work / MANIFEST, manifest)
+    _fsync_dir(work)
+    _publish(work, path)
 
 
 # --------------------------------------------------------------------------- batctl info

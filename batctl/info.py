@@ -51,6 +51,12 @@ def describe_data(path: Path) -> dict[str, Any] | None:
 def describe_path(path: Path) -> dict[str, Any]:
     """Everything `batctl info` knows about `path`; `state` is complete/partial/running/foreign/absent."""
     description = artifacts.describe(path)
+    if description["state"] in ("partial", "running"):
+        from batctl.scorestore import ScoreStore
+
+        if ScoreStore.exists(description["work"]):
+            description["progress"] = ScoreStore.open(description["work"]).progress()
+        return description
     if description["state"] not in ("complete", "foreign"):
         return description
     found = describe_model_dir(Path(path)) if Path(path).is_dir() else None

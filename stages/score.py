@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from batctl.config import DataOptions, parse_shard
-from batctl.errors import NotBuilt
+from batctl.config import DataOptions, operational, parse_shard
+from batctl.errors import BatctlError
+
+log = logging.getLogger("batctl.score")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class ScoreConfig(DataOptions):
     chunk_size: int = 4096
     """Rows per zarr chunk: the unit of resumption."""
 
-    shard: str | None = None
+    shard: str | None = operational(None)
     """Score only shard i of N (by part), e.g. 3/8; default from torchrun's RANK/WORLD_SIZE, else all."""
 
     layer_scores: bool = False
@@ -60,9 +64,321 @@ class ScoreConfig(DataOptions):
             parse_shard(self.shard)
         except ValueError as exc:
             out.append(f"--shard: {exc}")
+        if self.layer_scores and self.engine == "fd":
+            out.append("--layer-scores needs --engine hooks (fd only measures the total)")
         return out
 
+    def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
+        """(i, N) from --shard, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
+        explicit = parse_shard(self.shard)
+        if explicit is not None:
+            return explicit
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return int(env["RANK"]), int(env["WORLD_SIZE"])
+        return 0, 1
 
-def run(config: ScoreConfig) -> dict:
-    """Score the pool into a resumable store; returns a summary. Not built yet (score issue)."""
-    raise NotBuilt("score")
+
+TARGET = "target.safetensors"
+
+
+def run(config: ScoreConfig) -> dict[str, Any]:
+    """Score this shard's chunks of the pool into the store; the last shard to finish publishes it.
+
+    Returns a summary: rows, chunks scored now and skipped as done, status counts, samples/s.
+    """
+    import os
+
+    from batctl.artifacts import (
+        check_existing,
+        check_same_model,
+        describe_input,
+        finish_output,
+        open_partial,
+        output_lock,
+        require_stage,
+        run_identity,
+    )
+    from batctl.data import open_pool
+    from batctl.samples import describe_data
+    from batctl.scorestore import ScoreStore
+
+    # setup: every input checked before any model is loaded
+    shard, shards = config.shard_of(dict(os.environ))
+    fp = config.strict_fingerprints
+    model = describe_input(config.model, fp)
+    surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
+    check_same_model(surrogate, model, "--surrogate")
+    inputs: dict[str, Any] = {
+        "model": model,
+        "surrogate": describe_input(surrogate),
+        "data": describe_data(config.data, fp),
+        "pool": describe_data(config.pool, fp),
+    }
+    if config.target is not None:
+        inputs["target"] = describe_data(config.target, fp)
+    identity = run_identity("score", config.params(), inputs)
+    out = Path(config.out).absolute()
+    with output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
+        check_existing(out, identity, config.force)
+        # load: one process at a time lays out the store and computes the target
+        with output_lock(out, wait=True):
+            work, _ = open_partial(out, identity, config.force)
+            started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
+            task = load_task_with_surrogate(config, surrogate)
+            target, metadata = ensure_target(work, task, config)
+            pool = open_pool(
+                config.pool, strict=config.strict, paragraphs=config.paragraphs, decode=False
+            )
+            ensure_store(work, pool, config, target.layers)
+        # loop
+        engine = engine_for(config, task, target, metadata)
+        summary = score_shard(work, pool, task, engine, config, shard, shards)
+        # save: whoever completes the last chunk publishes the store
+        with output_lock(out, wait=True):
+            store = ScoreStore.open(work)
+            if store.is_complete() and work.exists():
+                finish_output(work, out, identity, started, {"summary": store.progress()})
+                summary["published"] = True
+            else:
+                progress = store.progress()
+                log.info(
+                    "shard %d/%d finished; %d of %d chunks done overall (the last shard to finish publishes %s)",
+                    shard,
+                    shards,
+                    progress["done"],
+                    progress["total"],
+                    out,
+                )
+                summary["published"] = False
+    return {"out": str(config.out), **summary}
+
+
+def load_task_with_surrogate(config: ScoreConfig, surrogate: Path) -> Any:
+    """The backbone with the surrogate adapter, trainable so its gradients exist."""
+    import dataclasses
+
+    from batctl.tasks import load_task
+
+    settings = dataclasses.replace(config.task_settings(), loss_draws=config.loss_draws)
+    task = load_task(settings, config.task)
+    task.load_adapter(surrogate, trainable=True)
+    task.model.eval()
+    return task
+
+
+def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict[str, str]]:
+    """r per layer: loaded from the work dir, or computed from D_A (and --target) and saved there.
+
+    Every shard scores with the same saved r, so shards agree to the bit.
+    """
+    from batctl.influence.target import load_target, prepare_target, save_target
+    from batctl.samples import load_samples
+
+    path = work / TARGET
+    if path.is_file():
+        return load_target(path)
+    adaptation = load_samples(
+        config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+    )
+    target_samples = None
+    if config.target is not None:
+        target_samples = load_samples(
+            config.target, flag="--target", strict=config.strict, paragraphs=config.paragraphs
+        )
+    target = prepare_target(
+        task,
+        adaptation,
+        target_samples,
+        preconditioner=config.preconditioner,
+        damping=config.damping,
+        batch_size=min(config.batch_size, 8),
+    )
+    metadata = {
+        "preconditioner": target.preconditioner,
+        "preconditioner_flag": config.preconditioner,
+        "damping": str(config.damping),
+        "engine": config.engine,
+        "target": "adaptation set" if config.target is None else str(config.target),
+        **task.loss_settings(),
+    }
+    if config.engine == "fd":
+        # The fd step is measured once, on D_A, and stored: a resumed run or another shard
+        # must take exactly the same step or the store would not be one consistent run.
+        from batctl.influence.engines import make_engine
+
+        calibration = task.collate(
+            adaptation[: min(config.batch_size, len(adaptation))], "adaptation"
+        )
+        metadata["fd_eps"] = repr(make_engine("fd", task, target, calibration=calibration).eps)
+    save_target(path, target, metadata)
+    return load_target(path)
+
+
+def engine_for(config: ScoreConfig, task: Any, target: Any, metadata: dict[str, str]) -> Any:
+    """The configured engine, with the fd step recorded in target.safetensors."""
+    from batctl.influence.engines import make_engine
+
+    options = {"eps": float(metadata["fd_eps"])} if config.engine == "fd" else {}
+    return make_engine(config.engine, task, target, **options)
+
+
+def ensure_store(work: Path, pool: Any, config: ScoreConfig, layers: list[str]) -> None:
+    """Lay out scores.zarr (one pending row per pool sample, by a fast scan) unless it exists."""
+    from batctl.scorestore import ScoreStore
+
+    if ScoreStore.exists(work):
+        return
+    n_rows = sum(pool.row_counts())
+    rows = ((row.key, row.part, row.offset) for row in pool.iter_rows())
+    ScoreStore.create(
+        work,
+        rows,
+        n_rows,
+        config.chunk_size,
+        layer_names=layers if config.layer_scores else None,
+        attrs={"pool": [str(p.path) for p in pool.parts]},
+    )
+    log.info(
+        "laid out %s: %d rows in %d chunks",
+        work / "scores.zarr",
+        n_rows,
+        -(-n_rows // config.chunk_size),
+    )
+
+
+def score_shard(
+    work: Path, pool: Any, task: Any, engine: Any, config: ScoreConfig, shard: int, shards: int
+) -> dict[str, Any]:
+    """Score every pending chunk this shard owns, streaming only the parts those chunks cover."""
+    import time
+
+    import numpy as np
+
+    from batctl.console import progress_bar
+    from batctl.scorestore import ScoreStore, chunk_owner
+
+    store = ScoreStore.open(work, mode="r+")
+    owners = chunk_owner(store.first_row_parts(), len(pool.parts), shards)
+    mine = np.flatnonzero(owners == shard)
+    done = store.done()
+    todo = [int(c) for c in mine if not done[c]]
+    skipped = len(mine) - len(todo)
+    log.info(
+        "shard %d/%d: %d chunks of %d rows; %d already done and skipped, %d to score",
+        shard,
+        shards,
+        len(mine),
+        store.chunk_size,
+        skipped,
+        len(todo),
+    )
+    summary = {
+        "rows": store.n_rows,
+        "chunks_scored": 0,
+        "chunks_skipped": skipped,
+        "samples_per_s": None,
+    }
+    if not todo:
+        summary["status"] = store.progress()["status"]
+        return summary
+    parts = store.column("part")
+    first_part = int(parts[store.chunk_rows(todo[0]).start])
+    last_part = int(parts[store.chunk_rows(todo[-1]).stop - 1])
+    row = int(np.searchsorted(parts, first_part, side="left"))
+    pending = set(todo)
+    buffer: list[Any] = []
+    scored_rows = 0
+    began = time.perf_counter()
+    total_rows = sum(len(store.chunk_rows(c)) for c in todo)
+    with progress_bar(f"scoring (shard {shard}/{shards})", total_rows) as advance:
+        for item in pool.iter_rows(range(first_part, last_part + 1)):
+            chunk = row // store.chunk_size
+            if chunk > todo[-1]:
+                break
+            if chunk in pending:
+                buffer.append(item)
+                if row == store.chunk_rows(chunk).stop - 1:
+                    score_chunk(store, chunk, buffer, pool, task, engine, config)
+                    scored_rows += len(buffer)
+                    advance(len(buffer))
+                    summary["chunks_scored"] += 1
+                    buffer = []
+            row += 1
+    if summary["chunks_scored"] != len(todo):
+        raise BatctlError(
+            f"--pool: streamed {row} rows but the store expects {store.n_rows}; the pool changed "
+            "since the store was laid out: pass --force to start over"
+        )
+    elapsed = time.perf_counter() - began
+    summary["samples_per_s"] = round(scored_rows / elapsed, 2) if elapsed > 0 else None
+    summary["status"] = store.progress()["status"]
+    if summary["status"]["unreadable"]:
+        log.warning(
+            "%d unreadable pool samples were skipped (status 2)", summary["status"]["unreadable"]
+        )
+    return summary
+
+
+def score_chunk(
+    store: Any, chunk: int, rows: list[Any], pool: Any, task: Any, engine: Any, config: ScoreConfig
+) -> None:
+    """Decode, batch and score one chunk's rows, then write the chunk (done flag last)."""
+    import numpy as np
+
+    from batctl.data import BadSample
+    from batctl.scorestore import NON_FINITE, SCORED, UNREADABLE
+
+    span = store.chunk_rows(chunk)
+    expected = store.column("key", slice(span.start, span.stop))
+    found = np.array([r.key for r in rows], dtype=str)
+    if len(found) != len(expected) or not (found == expected).all():
+        raise BatctlError(
+            f"--pool: chunk {chunk} no longer matches the store (keys differ); the pool changed "
+            "since the store was laid out: pass --force to start over"
+        )
+    scores = np.full(len(rows), np.nan)
+    status = np.full(len(rows), UNREADABLE, dtype=np.uint8)
+    layer_scores = (
+        np.full((len(rows), len(store.layer_names)), np.nan) if store.layer_names else None
+    )
+    decoded = [(i, pool.decoded(r)) for i, r in enumerate(rows) if type(r) is not BadSample]
+    good = [(i, s) for i, s in decoded if type(s) is not BadSample]
+    for start in range(0, len(good), config.batch_size):
+        batch = good[start : start + config.batch_size]
+        for index, result in score_batch(
+            [s for _, s in batch], task, engine, layer_scores is not None, config.strict
+        ):
+            i = batch[index][0]
+            if result is None:
+                continue  # a sample the task cannot take: stays unreadable
+            value, per_layer = result
+            scores[i] = value
+            status[i] = SCORED if np.isfinite(value) else NON_FINITE
+            if layer_scores is not None and per_layer is not None:
+                layer_scores[i] = per_layer
+    store.write_chunk(chunk, scores, status, layer_scores)
+
+
+def score_batch(samples: list[Any], task: Any, engine: Any, want_layers: bool, strict: bool):
+    """Yield (index, (score, layer scores) or None) for a batch; a sample the task rejects at
+    collation is retried alone so it cannot take its batch down with it."""
+    from batctl.errors import BadSampleError
+
+    try:
+        result = engine.score(task.collate(samples, "pool"), layer_scores=want_layers)
+    except BadSampleError:
+        if strict or len(samples) == 1:
+            if strict:
+                raise
+            log.warning("skipped %s: the %s task cannot take it", samples[0].key, task.family)
+            yield 0, None
+            return
+        for i, sample in enumerate(samples):
+            for _, single in score_batch([sample], task, engine, want_layers, strict):
+                yield i, single
+        return
+    layers = (
+        result.layer_scores.numpy() if want_layers and result.layer_scores is not None else None
+    )
+    for i, value in enumerate(result.scores.tolist()):
+        yield i, (value, None if layers is None else layers[i])

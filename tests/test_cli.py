@@ -56,19 +56,7 @@ def test_missing_and_bad_flags_exit_2_listing_every_problem_without_traceback(cl
 
 
 def test_unbuilt_stage_exits_2_pointing_at_the_changelog(cli, tmp_path):
-    result = cli(
-        "score",
-        "--model",
-        "m",
-        "--surrogate",
-        "s",
-        "--data",
-        "d",
-        "--pool",
-        "p",
-        "--out",
-        tmp_path / "o",
-    )
+    result = cli("demo", "--out", tmp_path / "demo")
     assert result.exit_code == 2
     assert "not implemented yet: see CHANGELOG" in result.stderr
 

@@ -356,3 +356,28 @@ def test_pool_pickles_for_worker_processes(tmp_path):
     clone = pickle.loads(pickle.dumps(pool))
     assert [s.key for s in clone] == ["000000000", "000000001", "000000002"]
     assert clone.read(0, first.offset).same_content(first)
+
+
+def test_rows_streamed_raw_decode_later_like_a_decoding_pass(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from batctl.data import BadSample, open_pool
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="JPEG")
+    path = tmp_path / "p.tar"
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "a", "jpg": buf.getvalue(), "txt": b"red square"})
+        sink.write({"__key__": "b", "jpg": b"not a jpeg", "txt": b"broken"})
+    decoding = list(open_pool([str(path)]).iter_rows())
+    raw_pool = open_pool([str(path)], decode=False)
+    late = [
+        raw_pool.decoded(row) if type(row) is not BadSample else row for row in raw_pool.iter_rows()
+    ]
+    assert [type(r) for r in late] == [type(r) for r in decoding]
+    assert late[0].same_content(decoding[0])
+    assert late[1].code == decoding[1].code == "image"
+    assert raw_pool.stats.good == 1 and raw_pool.stats.bad == 1

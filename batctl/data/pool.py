@@ -180,6 +180,22 @@ class Pool:
                 self.max_logged,
             )
 
+    def decoded(self, row: Sample) -> Sample | BadSample:
+        """Decode one row streamed with ``decode=False``, reported like a decoding pass would.
+
+        Lets a resumed or sharded scorer stream the cheap raw rows and decode only the rows it
+        still has to score.
+        """
+        try:
+            record = record_from_raw(row.raw, require_caption=self.require_caption)
+        except Bad as bad:
+            self.stats.good -= 1  # the raw pass counted it good
+            path = str(self.parts[row.part].path)
+            return self._report(
+                BadSample(path, row.part, row.key, row.offset, bad.reason, bad.code)
+            )
+        return Sample(row.key, row.part, row.offset, row.raw, record)
+
     # -- random access ------------------------------------------------------------------------
 
     def read(self, part: int, offset: int) -> Sample:

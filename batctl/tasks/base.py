@@ -123,6 +123,10 @@ class Task(abc.ABC):
             self.model = self.model.unload()
         self.model.eval()
 
+    def loss_settings(self) -> dict[str, str]:
+        """What defines the per-sample loss, for target.safetensors' metadata."""
+        return {"family": self.family}
+
     def counters(self) -> dict[str, int]:
         """Family-specific counts for the run summary (e.g. LM samples cut to --max-length)."""
         return {}

@@ -160,6 +160,13 @@ class LMTask(Task):
     def counters(self) -> dict[str, int]:
         return {"truncated_samples": self.truncated}
 
+    def loss_settings(self) -> dict[str, str]:
+        return {
+            "family": "lm",
+            "loss": "mean token NLL of response + EOS",
+            "max_length": str(self.settings.max_length),
+        }
+
     # ------------------------------------------------------------------ batches
 
     def encode(self, sample: Sample) -> tuple[list[int], list[int]]:
@@ -217,7 +224,8 @@ class LMTask(Task):
         logits = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits
-        logits = logits[:, :-1].float()
+        # At least float32 for the softmax; a float64 model (exactness tests) stays float64.
+        logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
         targets = batch["labels"][:, 1:]
         nll = F.cross_entropy(
             logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
