@@ -386,11 +386,13 @@ def finish_output(
         "host": socket.gethostname(),
         **(extra or {}),
     }
-    for leftover in (PARTIAL, PROGRESS):
-        (work / leftover).unlink(missing_ok=True)
     _write_json_durably(work / MANIFEST, manifest)
     _fsync_dir(work)
     _publish(work, path)
+    # Removed only now: a kill before the rename must leave a partial dir that still says
+    # which run it belongs to (it would otherwise be refused, and --force would discard it).
+    for leftover in (PARTIAL, PROGRESS):
+        (path / leftover).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- batctl info

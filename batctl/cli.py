@@ -85,6 +85,11 @@ def _invoke(action: Callable[[], dict[str, Any] | None], as_json: bool, debug: b
         for line in str(exc).splitlines() or [type(exc).__name__]:
             error(escape(line))
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:  # permissions, a full disk, a directory where a file was expected
+        if debug:
+            traceback.print_exc()
+        error(escape(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
@@ -157,7 +162,8 @@ def _common_parameters() -> list[inspect.Parameter]:
 def build_config(name: str, cli_values: dict[str, Any], config_file: Path | None) -> Any:
     """Parse one stage's flags (command line over TOML) into its config; UsageError lists every problem."""
     config_cls = STAGES[name][0]
-    toml = read_toml(config_file, name) if config_file is not None else None
+    known = {spec.name for spec in field_specs(config_cls)}
+    toml = read_toml(config_file, name, known) if config_file is not None else None
     config, problems = config_cls.from_sources(cli_values, toml, config_file)
     if problems:
         raise UsageError("\n".join(problems))

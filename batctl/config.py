@@ -165,11 +165,12 @@ def _coerce(spec: FieldSpec, value: Any, source: str) -> tuple[Any, str | None]:
     return converted, None
 
 
-def read_toml(path: Path, command: str) -> dict[str, Any]:
+def read_toml(path: Path, command: str, known: set[str] | None = None) -> dict[str, Any]:
     """The flags a `--config FILE.toml` gives for `command`, keys as field names.
 
     A file may hold the flags at top level, or one table per command (`[score]`, `[select]`),
-    so one file can serve a whole pipeline; then only the table named `command` is read.
+    so one file can serve a whole pipeline: then the table named `command` is read over the
+    top-level keys that are flags of `command` (`known`; others belong to other commands).
     Keys may be kebab-case (as the flags) or snake_case.
     """
     try:
@@ -180,7 +181,13 @@ def read_toml(path: Path, command: str) -> dict[str, Any]:
         raise UsageError(f"--config: {path} is not valid TOML: {exc}") from None
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     if tables:
-        data = tables.get(command, {})
+        # Top-level keys are shared by every command that has the flag; the command's table wins.
+        shared = {
+            k: v
+            for k, v in data.items()
+            if not isinstance(v, dict) and (known is None or k.replace("-", "_") in known)
+        }
+        data = {**shared, **tables.get(command, {})}
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -287,7 +294,7 @@ class OutputOptions(StageConfig):
     force: bool = operational(False)
     """Replace an existing output even if it differs from this run or was not written by batctl."""
 
-    strict_fingerprints: bool = operational(False)
+    strict_fingerprints: bool = False
     """Fingerprint input files by their whole content instead of size, mtime and first/last MiB."""
 
 

@@ -81,8 +81,8 @@ class Example:
 def total_steps(settings: LoopSettings, n_examples: int) -> int:
     """Optimizer steps the run will take."""
     if settings.epochs is not None:
-        per_epoch = math.ceil(n_examples / (settings.batch_size * settings.grad_accum))
-        return settings.epochs * per_epoch
+        # Micro-batches run across epoch boundaries, so count samples, not per-epoch batches.
+        return math.ceil(settings.epochs * n_examples / (settings.batch_size * settings.grad_accum))
     assert settings.steps is not None
     return settings.steps
 

@@ -122,25 +122,40 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         check_existing(out, identity, config.force)
         # load: one process at a time lays out the store and computes the target
         with output_lock(out, wait=True):
+            check_existing(
+                out, identity, config.force
+            )  # another shard may have published meanwhile
+            if config.force or not partial_matches(out, identity):
+                refuse_while_scoring(out)  # wiping a store other shards write would mix two runs
             work, _ = open_partial(out, identity, config.force)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
-            task = load_task_with_surrogate(config, surrogate)
-            target, metadata = ensure_target(work, task, config)
             pool = open_pool(
                 config.pool, strict=config.strict, paragraphs=config.paragraphs, decode=False
             )
-            ensure_store(work, pool, config, target.layers)
+            n_rows = None if ScoreStore.exists(work) else count_rows(pool, config)
+            task = load_task_with_surrogate(config, surrogate)
+            target, metadata = ensure_target(work, task, config)
+            if n_rows is not None:
+                lay_out_store(work, pool, n_rows, config, target.layers)
+            scoring = scoring_lock(out)  # taken before the set-up lock is released: no gap
         # loop
-        engine = engine_for(config, task, target, metadata)
-        summary = score_shard(work, pool, task, engine, config, shard, shards)
+        with scoring:
+            engine = engine_for(config, task, target, metadata)
+            summary = score_shard(work, pool, task, engine, config, shard, shards)
         # save: whoever completes the last chunk publishes the store
         with output_lock(out, wait=True):
-            store = ScoreStore.open(work)
-            if store.is_complete() and work.exists():
-                finish_output(work, out, identity, started, {"summary": store.progress()})
+            summary["published"] = False
+            if not work.exists():
+                log.info(
+                    "shard %d/%d finished; another shard already published %s", shard, shards, out
+                )
+            elif ScoreStore.open(work).is_complete():
+                finish_output(
+                    work, out, identity, started, {"summary": ScoreStore.open(work).progress()}
+                )
                 summary["published"] = True
             else:
-                progress = store.progress()
+                progress = ScoreStore.open(work).progress()
                 log.info(
                     "shard %d/%d finished; %d of %d chunks done overall (the last shard to finish publishes %s)",
                     shard,
@@ -149,7 +164,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                     progress["total"],
                     out,
                 )
-                summary["published"] = False
     return {"out": str(config.out), **summary}
 
 
@@ -171,6 +185,8 @@ def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict
 
     Every shard scores with the same saved r, so shards agree to the bit.
     """
+    import os
+
     from batctl.influence.target import load_target, prepare_target, save_target
     from batctl.samples import load_samples
 
@@ -210,7 +226,9 @@ def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict
             adaptation[: min(config.batch_size, len(adaptation))], "adaptation"
         )
         metadata["fd_eps"] = repr(make_engine("fd", task, target, calibration=calibration).eps)
-    save_target(path, target, metadata)
+    staging = path.with_name(path.name + ".tmp")
+    save_target(staging, target, metadata)
+    os.replace(staging, path)  # a kill mid-write must not leave a truncated target to resume from
     return load_target(path)
 
 
@@ -222,27 +240,91 @@ def engine_for(config: ScoreConfig, task: Any, target: Any, metadata: dict[str, 
     return make_engine(config.engine, task, target, **options)
 
 
-def ensure_store(work: Path, pool: Any, config: ScoreConfig, layers: list[str]) -> None:
-    """Lay out scores.zarr (one pending row per pool sample, by a fast scan) unless it exists."""
-    from batctl.scorestore import ScoreStore
+def partial_matches(out: Path, identity: dict[str, Any]) -> bool:
+    """True when `out` has unfinished work from this very run (it will be resumed, not wiped)."""
+    from batctl.artifacts import PARTIAL, diff_runs, partial_dir
 
-    if ScoreStore.exists(work):
-        return
+    try:
+        recorded = json.loads((partial_dir(out) / PARTIAL).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return not partial_dir(out).exists()
+    return not diff_runs(recorded, identity)
+
+
+def scoring_lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.scoring.lock"
+
+
+def scoring_lock(out: Path) -> Any:
+    """A shared lock every scoring process holds while it writes chunks (returned already held)."""
+    import contextlib
+    import fcntl
+    import os
+
+    fd = os.open(scoring_lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def held() -> Any:
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    return held()
+
+
+def refuse_while_scoring(out: Path) -> None:
+    """BatctlError when any process is scoring into `out`'s partial store."""
+    import fcntl
+    import os
+
+    fd = os.open(scoring_lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise BatctlError(
+            f"{out}: other score processes (shards) are writing its unfinished store; "
+            "wait for them or stop them before starting over with other params or --force"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def count_rows(pool: Any, config: ScoreConfig) -> int:
+    """Rows the store needs (a fast scan); an empty pool is an error before any model loads."""
     n_rows = sum(pool.row_counts())
+    if n_rows == 0:
+        parts = ", ".join(str(p.path) for p in pool.parts)
+        raise BatctlError(f"--pool {parts}: no samples to score")
+    return n_rows
+
+
+def lay_out_store(
+    work: Path, pool: Any, n_rows: int, config: ScoreConfig, layers: list[str]
+) -> None:
+    """Lay out scores.zarr (one pending row per pool sample) in a temporary name, then rename it,
+    so a kill mid-layout leaves no store that looks laid out."""
+    import os
+    import shutil
+
+    from batctl.scorestore import STORE, ScoreStore
+
+    staging = work / "layout.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
     rows = ((row.key, row.part, row.offset) for row in pool.iter_rows())
     ScoreStore.create(
-        work,
+        staging,
         rows,
         n_rows,
         config.chunk_size,
         layer_names=layers if config.layer_scores else None,
         attrs={"pool": [str(p.path) for p in pool.parts]},
     )
+    os.replace(staging / STORE, work / STORE)
+    staging.rmdir()
     log.info(
-        "laid out %s: %d rows in %d chunks",
-        work / "scores.zarr",
-        n_rows,
-        -(-n_rows // config.chunk_size),
+        "laid out %s: %d rows in %d chunks", work / STORE, n_rows, -(-n_rows // config.chunk_size)
     )
 
 
@@ -307,7 +389,7 @@ def score_shard(
     if summary["chunks_scored"] != len(todo):
         raise BatctlError(
             f"--pool: streamed {row} rows but the store expects {store.n_rows}; the pool changed "
-            "since the store was laid out: pass --force to start over"
+            f"since the store was laid out: delete {work} to start over"
         )
     elapsed = time.perf_counter() - began
     summary["samples_per_s"] = round(scored_rows / elapsed, 2) if elapsed > 0 else None
@@ -334,7 +416,7 @@ def score_chunk(
     if len(found) != len(expected) or not (found == expected).all():
         raise BatctlError(
             f"--pool: chunk {chunk} no longer matches the store (keys differ); the pool changed "
-            "since the store was laid out: pass --force to start over"
+            "since the store was laid out: delete the .partial directory beside --out to start over"
         )
     scores = np.full(len(rows), np.nan)
     status = np.full(len(rows), UNREADABLE, dtype=np.uint8)

@@ -144,3 +144,19 @@ def test_info_counts_the_samples_of_a_data_file(cli, tmp_path):
     assert result.exit_code == 0
     described = json.loads(result.stdout)
     assert described["format"] == "jsonl" and described["samples"] == 3
+
+
+def test_an_os_error_is_one_line_not_a_traceback(cli, tmp_path):
+    result = cli(
+        "select",
+        "--config",
+        tmp_path,
+        "--scores",
+        tmp_path,
+        "--out",
+        tmp_path / "o",
+        "--gamma",
+        "0.5",
+    )
+    assert result.exit_code in (1, 2)
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1

@@ -84,7 +84,7 @@ def test_unreadable_toml_is_a_usage_error(tmp_path):
 def test_params_leave_out_operational_fields():
     config = SelectConfig(scores=Path("s"), gamma=("0.5",), out=Path("o"), force=True)
     params = config.params()
-    assert "force" not in params and "strict_fingerprints" not in params
+    assert "force" not in params and params["strict_fingerprints"] is False
     assert params["scores"] == "s" and params["gamma"] == ["0.5"]
 
 

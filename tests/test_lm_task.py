@@ -98,7 +98,9 @@ def test_truncation_keeps_response_tokens_and_is_counted(lm_dir, tmp_path):
     (long,) = samples_of(tmp_path, [{"instruction": "x " * 50, "input": "", "output": "y " * 50}])
     batch = task.collate([long], "adaptation")
     assert batch["input_ids"].shape[1] == 16
-    assert (batch["labels"][0] != IGNORE).sum() == 8
+    assert batch["input_ids"][0, 0] == task.tokenizer.bos_token_id  # BOS survives the cut
+    assert (batch["labels"][0] != IGNORE).sum() == 7  # half of the 15 tokens after BOS
+    task.collate([long], "adaptation")  # a second epoch re-encodes the same sample
     assert task.counters() == {"truncated_samples": 1}
 
 

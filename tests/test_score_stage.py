@@ -246,3 +246,24 @@ def test_fd_engine_store_ranks_like_the_exact_engine(cli, setup, tmp_path):
 
     with safe_open(fd / "target.safetensors", "pt") as f:
         assert float(f.metadata()["fd_eps"]) > 0
+
+
+def test_an_empty_pool_is_one_clear_line_before_any_model_loads(cli, setup, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = score_args(setup, tmp_path / "o")
+    args[args.index("--pool") + 1] = empty
+    result = cli(*args)
+    assert (
+        result.exit_code == 1
+        and "no samples to score" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_a_shard_that_finds_the_store_published_exits_cleanly(cli, setup, tmp_path):
+    out = tmp_path / "s"
+    assert cli(*score_args(setup, out, "--shard", "0/2")).exit_code == 0
+    assert cli(*score_args(setup, out, "--shard", "1/2")).exit_code == 0  # publishes
+    result = cli(*score_args(setup, out, "--shard", "0/2"))
+    assert result.exit_code == 0 and "up to date" in result.stderr

@@ -38,7 +38,8 @@ def test_uniform_order_is_seeded():
 
 
 def test_epochs_become_steps():
-    assert total_steps(LoopSettings(steps=None, epochs=3, batch_size=4, grad_accum=2), 17) == 9
+    assert total_steps(LoopSettings(steps=None, epochs=3, batch_size=4, grad_accum=2), 17) == 7
+    assert total_steps(LoopSettings(steps=None, epochs=3, batch_size=4, grad_accum=2), 5) == 2
     assert total_steps(LoopSettings(steps=50), 17) == 50
 
 

@@ -98,7 +98,7 @@ class LMTask(Task):
         base.eval()  # dropout off in the backbone; the adapter's own dropout follows train()/eval()
         self.base = base.to(self.device)
         self.model: torch.nn.Module = self.base
-        self.truncated = 0
+        self.truncated: set[tuple[int, str]] = set()  # samples, not encodings: epochs re-encode
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
@@ -158,7 +158,7 @@ class LMTask(Task):
         self.model.save_pretrained(str(path))
 
     def counters(self) -> dict[str, int]:
-        return {"truncated_samples": self.truncated}
+        return {"truncated_samples": len(self.truncated)}
 
     def loss_settings(self) -> dict[str, str]:
         return {
@@ -174,10 +174,10 @@ class LMTask(Task):
         record = sample.record
         tok = self.tokenizer
         if "instruction" in record and "output" in record:
-            prompt = self.bos + tok.encode(alpaca_prompt(record), add_special_tokens=False)
+            prompt = tok.encode(alpaca_prompt(record), add_special_tokens=False)
             response = tok.encode(record["output"], add_special_tokens=False) + self.eos
         elif "text" in record:
-            prompt = self.bos
+            prompt = []
             response = tok.encode(record["text"], add_special_tokens=False) + self.eos
         else:
             raise BadSampleError(
@@ -186,20 +186,20 @@ class LMTask(Task):
                 "an LM sample needs 'text' or Alpaca 'instruction'/'output'",
                 "give text or Alpaca records",
             )
-        limit = self.settings.max_length
+        limit = self.settings.max_length - len(self.bos)  # BOS always survives truncation
         if len(prompt) + len(response) > limit:
-            if self.truncated == 0:
+            if not self.truncated:
                 log.warning(
                     "%s: %d tokens cut to --max-length %d (further cuts are counted in the summary)",
                     sample.key,
-                    len(prompt) + len(response),
-                    limit,
+                    len(self.bos) + len(prompt) + len(response),
+                    self.settings.max_length,
                 )
-            self.truncated += 1
+            self.truncated.add((sample.part, sample.key))
             prompt, response = fit_to_length(prompt, response, limit)
-        ids = prompt + response
+        ids = self.bos + prompt + response
         # Labels are shifted inside per_sample_loss; the first token is never predicted.
-        labels = [IGNORE] * len(prompt) + response
+        labels = [IGNORE] * (len(self.bos) + len(prompt)) + response
         return ids, labels
 
     def collate(self, samples: Sequence[Sample], role: Role) -> dict[str, Any]:
