@@ -30,6 +30,8 @@ lint:
 
 bench: install
 	$(PYTHON) benchmarks/read_throughput.py
+	$(PYTHON) benchmarks/tiny_backbones.py
+	$(PYTHON) benchmarks/score_throughput.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
