@@ -378,7 +378,7 @@ class TrainingOptions(DataOptions):
     """Dropout on the LoRA input."""
 
     targets: tuple[str, ...] = ()
-    """Module names to adapt (repeatable); default: peft's choice for the architecture; all-linear allowed."""
+    """Module names to adapt; default: peft's choice for the architecture; all-linear allowed."""
 
     steps: int | None = 200
     """Optimizer steps (ignored when --epochs is given)."""

@@ -28,7 +28,7 @@ class EvalConfig(DataOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "adapter", "data", "out")
 
     adapter: tuple[Path, ...] = ()
-    """Adapter directories to evaluate (repeatable)."""
+    """Adapter directories to evaluate."""
 
     reference: Path | None = None
     """Reference adapter θ*: weight differences ||θ − θ*|| are measured against it."""

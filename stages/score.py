@@ -24,7 +24,7 @@ class ScoreConfig(DataOptions):
     """Surrogate adapter directory (the output of `batctl surrogate`)."""
 
     pool: tuple[str, ...] = ()
-    """Backbone pool parts (repeatable): tars, JSON/JSONL, text; braces like laion-{000..099}.tar are expanded by batctl."""
+    """Backbone pool parts: tars, JSON/JSONL, text; braces like laion-{000..099}.tar are expanded by batctl."""
 
     target: str | None = None
     """Validation set whose mean gradient is the target; default: the adaptation set itself."""

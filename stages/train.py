@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from batctl.config import TrainingOptions
+from batctl.errors import BatctlError
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     }
     if config.selection is not None:
         require_stage(config.selection, "select", "--selection")
+        if not (config.selection / SAMPLES_TAR).is_file():
+            choices = sorted(
+                p.name for p in config.selection.iterdir() if (p / SAMPLES_TAR).is_file()
+            )
+            raise BatctlError(
+                f"--selection {config.selection} holds several selections ({', '.join(choices) or 'none'}); "
+                f"pass one of them, e.g. {config.selection / choices[0] if choices else config.selection}"
+            )
         check_same_model(config.selection, model, "--selection")
         inputs["selection"] = describe_input(config.selection)
     if config.init == "surrogate":
