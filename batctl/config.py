@@ -334,8 +334,8 @@ class DataOptions(ModelOptions):
     instance_prompt: str | None = None
     """Diffusion: the prompt for every adaptation image, e.g. "a photo of sks dog"."""
 
-    resolution: int = 512
-    """Diffusion: images are resized and cropped to this many pixels a side."""
+    resolution: int | None = None
+    """Diffusion: images are resized and center-cropped to this many pixels a side; default: the model's native size."""
 
     # -- what the library needs from these flags (imports stay lazy: --help must not load torch)
 
@@ -356,7 +356,7 @@ class DataOptions(ModelOptions):
         out = super().problems()
         if self.max_length < 1:
             out.append(f"--max-length must be >= 1, got {self.max_length}")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             out.append(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         return out
 

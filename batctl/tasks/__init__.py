@@ -56,4 +56,8 @@ def load_task(settings: TaskSettings, family: str = "auto") -> Task:
         from batctl.tasks.lm import LMTask
 
         return LMTask(settings)
+    if family == "diffusion":
+        from batctl.tasks.diffusion import DiffusionTask
+
+        return DiffusionTask(settings)
     raise UsageError(f"--task {family}: not implemented yet: see CHANGELOG")

@@ -43,8 +43,8 @@ class TaskSettings:
     instance_prompt: str | None = None
     """Diffusion: prompt for adaptation images."""
 
-    resolution: int = 512
-    """Diffusion: image side in pixels."""
+    resolution: int | None = None
+    """Diffusion: image side in pixels; None: the model's native size."""
 
     loss_draws: int = 4
     """Diffusion: (timestep, noise) draws averaged per sample."""
