@@ -292,10 +292,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         notes = []
         if reference is None:
             notes.append("weight difference: no --reference given")
-        if not questions:
-            notes.append("multiple choice: no --benchmark given")
-        elif any(True for _ in out.work.glob("benchmark-*.jsonl")):
-            notes.append("per-question log-likelihoods: benchmark-<row>.jsonl")
+        notes += [note for note in task.metric_notes if note not in notes]
         counters = task.counters()
         notes += [f"{name.replace('_', ' ')}: {value}" for name, value in counters.items() if value]
         context = {

@@ -117,19 +117,24 @@ def test_surrogate_score_select_train_eval_on_a_tiny_stable_diffusion(cli, world
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["backbone_samples"] == 4
 
-    result = cli(
-        "eval",
-        *common,
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks dog\na photo of sks dog on the beach\n")
+    eval_args = [
         "--adapter",
         tmp_path / "bat",
         "--reference",
         tmp_path / "sur",
-        "--out",
-        tmp_path / "ev",
-    )
+        "--prompts",
+        prompts,
+    ]
+    result = cli("eval", *common, *eval_args, "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.stderr
     rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]
     assert set(rows) == {"backbone", "bat"} and np.isfinite(rows["bat"]["heldout_loss"])
+    assert (tmp_path / "ev" / "images-bat.png").is_file() and (
+        tmp_path / "ev" / "images-backbone.png"
+    ).is_file()
+    assert "no --dino given" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_adaptation_images_need_an_instance_prompt(cli, world, tmp_path):

@@ -95,6 +95,9 @@ class Task(abc.ABC):
     device: torch.device
     """Where batches and the model live."""
 
+    metric_notes: list[str] = []  # noqa: RUF012 - replaced per instance, never mutated in place
+    """What `family_metrics` left out and why, for the eval report (set by family_metrics)."""
+
     @abc.abstractmethod
     def add_adapter(self, adapter: AdapterSettings, seed: int) -> None:
         """Add a fresh adapter, initialised from `seed`; only its parameters are trainable."""

@@ -387,6 +387,89 @@ class DiffusionTask(Task):
         mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
         return mse.reshape(n, k).mean(dim=1)
 
+    # ------------------------------------------------------------------ eval
+
+    def family_metrics(
+        self, heldout: Sequence[Sample], options: Any, out_dir: Path, label: str
+    ) -> dict[str, float]:
+        """Images for --prompts and the personalisation metrics (``batctl.metrics.diffusion``).
+
+        With --prompts: one image per prompt at seeds 42, 43, ... from a StableDiffusionPipeline
+        assembled from this task's parts and the current UNet (with its adapter, if any), at
+        ``resolution``, ``INFERENCE_STEPS`` steps, guidance ``GUIDANCE_SCALE``; the shipped
+        sampler, or DDIM on the same config when the pipeline ships DDPM (ancestral, meant for
+        1000 steps). The images go to ``images-<label>.png`` in ``out_dir`` (a near-square grid,
+        prompts row-major). Against the held-out images: DINO with --dino; CLIP-I, CLIP-T and the
+        centroid distance with --clip; the Vendi Score of the generated images with either.
+        Metrics whose model is not given are left out; why is in ``self.metric_notes`` (strings
+        for the report's notes, the same for every row).
+        """
+        import re
+
+        import diffusers
+        from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+        from peft import PeftModel
+
+        from batctl.metrics import diffusion as dm
+
+        prompts = dm.read_prompts(options.prompts) if options.prompts is not None else []
+        self.metric_notes = dm.metric_notes(
+            options.prompts, options.dino, options.clip, len(prompts)
+        )
+        if not prompts:
+            return {}
+        cache = getattr(self, "_eval_cache", None)
+        if cache is None:
+            cache = self._eval_cache = {"features": {}, "references": {}}
+        sampler = cache.get("sampler")
+        if sampler is None:
+            shipped = getattr(diffusers, self.scheduler_source, None)
+            if shipped is None or shipped is DDPMScheduler:
+                sampler = DDIMScheduler.from_config(self.scheduler.config)
+            else:
+                sampler = shipped.from_pretrained(self.settings.model, subfolder="scheduler")
+            cache["sampler"] = sampler
+        # peft injects the adapter's layers into the UNet itself: the base model runs with them.
+        unet = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=sampler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = dm.generate_images(pipe, prompts, size=self.resolution)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        dm.write_grid(images, Path(out_dir) / f"images-{safe}.png")
+
+        features = cache["features"]
+        dino = clip = None
+        if options.dino is not None:
+            key = ("dino", str(options.dino))
+            if key not in features:
+                features[key] = dm.DinoFeatures(options.dino, self.device)
+            dino = features[key]
+        if options.clip is not None:
+            key = ("clip", str(options.clip))
+            if key not in features:
+                features[key] = dm.ClipFeatures(options.clip, self.device)
+            clip = features[key]
+        references = [s.record["image"] for s in heldout if s.record.get("image") is not None]
+        ref_key = (str(options.dino), str(options.clip), tuple((s.part, s.key) for s in heldout))
+        return dm.personalisation_metrics(
+            images,
+            prompts,
+            references,
+            dino=dino,
+            clip=clip,
+            batch_size=options.batch_size,
+            reference_cache=cache["references"].setdefault(ref_key, {}),
+        )
+
 
 def _scheduler_class(model: str) -> str:
     """The scheduler class the pipeline ships (its training schedule is read as DDPM)."""

@@ -261,6 +261,11 @@ class LMTask(Task):
                 total += float(nll.double().sum())
                 tokens += int(counts.sum())
         metrics = token_metrics(total, tokens)
+        self.metric_notes = (
+            ["per-question log-likelihoods: benchmark-<row>.jsonl"]
+            if options.benchmark
+            else ["multiple choice: no --benchmark given"]
+        )
         if options.benchmark:
             result = evaluate_multiple_choice(
                 self.model,
