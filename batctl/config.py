@@ -337,6 +337,9 @@ class DataOptions(ModelOptions):
     resolution: int | None = None
     """Diffusion: images are resized and center-cropped to this many pixels a side; default: the model's native size."""
 
+    flip: bool = False
+    """Diffusion: mirror half the images left-right (which half is fixed by each sample's key, so losses stay reproducible)."""
+
     # -- what the library needs from these flags (imports stay lazy: --help must not load torch)
 
     def task_settings(self) -> Any:
@@ -350,6 +353,7 @@ class DataOptions(ModelOptions):
             max_length=self.max_length,
             instance_prompt=self.instance_prompt,
             resolution=self.resolution,
+            flip=self.flip,
         )
 
     def problems(self) -> list[str]:

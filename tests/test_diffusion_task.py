@@ -273,3 +273,16 @@ def test_hooks_scores_equal_brute_force_through_the_task(tiny, samples, kind):
     assert got.scores.dtype == torch.float64 and math.isfinite(float(got.scores.abs().max()))
     assert max_rel(got.scores, expected) < 1e-6
     assert max_rel(got.layer_scores, expected_layers) < 1e-6
+
+
+def test_flip_mirrors_the_images_chosen_by_key_and_only_those(tiny, samples):
+    from batctl.tasks.diffusion import draw_seed
+
+    plain, flipped = make_task(tiny), make_task(tiny, flip=True)
+    a = plain.collate(samples, "pool")["latents"]
+    b = flipped.collate(samples, "pool")["latents"]
+    chosen = [bool(draw_seed("flip:" + s.key) & 1) for s in samples]
+    assert any(chosen) and not all(chosen)  # the fixture has both kinds
+    for i, mirrored in enumerate(chosen):
+        same = torch.equal(a[i], b[i])
+        assert same != mirrored, samples[i].key

@@ -46,6 +46,9 @@ class TaskSettings:
     resolution: int | None = None
     """Diffusion: image side in pixels; None: the model's native size."""
 
+    flip: bool = False
+    """Diffusion: mirror half the images, chosen by key (deterministic augmentation)."""
+
     loss_draws: int = 4
     """Diffusion: (timestep, noise) draws averaged per sample."""
 

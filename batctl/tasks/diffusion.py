@@ -262,7 +262,7 @@ class DiffusionTask(Task):
             "draw_seed": "sha256(key)[:8] little-endian; t then noise, draw by draw",
             "resolution": str(self.resolution),
             "crop": "center",
-            "flip": str(bool(getattr(self.settings, "flip", False))).lower(),
+            "flip": str(bool(self.settings.flip)).lower(),
             "scheduler": type(self.scheduler).__name__,
             "scheduler_source": self.scheduler_source,
             "num_train_timesteps": str(self.scheduler.config.num_train_timesteps),
@@ -305,9 +305,7 @@ class DiffusionTask(Task):
                 "a diffusion sample needs an image",
                 "give a jpg/png/webp member or image file",
             )
-        flip = bool(getattr(self.settings, "flip", False)) and bool(
-            draw_seed("flip:" + sample.key) & 1
-        )
+        flip = bool(self.settings.flip) and bool(draw_seed("flip:" + sample.key) & 1)
         image = resize_and_crop(image.convert("RGB"), self.resolution, flip)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
