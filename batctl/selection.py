@@ -352,7 +352,9 @@ def plan_selection(
         raise ValueError(f"unknown strategy {strategy!r}")
     gammas, counts, thresholds = list(gammas), list(counts), list(thresholds)
     rows_all = eligible_rows(columns)
-    scores_e = columns.score[rows_all]
+    # float64, so `--threshold 0.7` and the reported scores agree (numpy 2 compares float32
+    # arrays with Python floats in float32, where float32(0.7) >= 0.7).
+    scores_e = columns.score[rows_all].astype(np.float64)
     m = len(rows_all)
     counts_by_status = np.bincount(columns.status, minlength=4)
     status_counts = {STATUS_NAMES[i]: int(counts_by_status[i]) for i in range(4)}
@@ -391,18 +393,20 @@ def plan_selection(
         raise BatctlError(
             _too_many(what, need, _distinct_count(columns.key, rows_all), m, status_counts)
         )
-    grid = [(g, pool_count(n, g)) for g in GAMMA_GRID] if auto else []
+    # k = 0 (γ near 1 with small n) is plain adaptation, where both sides are equal: never a win.
+    grid = [(g, k) for g in GAMMA_GRID if (k := pool_count(n, g)) > 0] if auto else []
     want = max([need] + [min(k, m) for _, k in grid])  # grid points past the pool are dropped
     if until is not None:
         want = max(want, int((scores_e >= until).sum()))
 
-    order_in = _order(strategy, scores_e, seed, min(want, m))
+    keys_e = columns.key[rows_all]
+    order_in = _order(strategy, scores_e, seed, min(want, m), keys_e)
     kept, dup_keys, dup_content, exhausted = _walk(
         rows_all, order_in, scores_e, columns.key, want, until, content,
-        refill=lambda: _order(strategy, scores_e, seed, None),
+        refill=lambda: _order(strategy, scores_e, seed, None, keys_e),
     )  # fmt: skip
     stream = np.asarray(kept, dtype=np.int64)
-    stream_scores = columns.score[stream]
+    stream_scores = columns.score[stream].astype(np.float64)
     if need > len(stream):
         what = max(hard, key=lambda item: item[1])[0]
         raise BatctlError(
@@ -419,10 +423,14 @@ def plan_selection(
     )  # fmt: skip
 
 
-def _order(strategy: str, scores_e: np.ndarray, seed: int, need: int | None) -> np.ndarray:
+def _order(
+    strategy: str, scores_e: np.ndarray, seed: int, need: int | None, keys_e: np.ndarray
+) -> np.ndarray:
     if strategy == "albat":
         return albat_order(scores_e, need)
-    return random_order(len(scores_e), seed)
+    # Uniform over distinct keys: permuting rows would favour a key by its number of copies.
+    first = np.sort(np.unique(keys_e, return_index=True)[1])
+    return first[random_order(len(first), seed)]
 
 
 def _walk(

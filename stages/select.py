@@ -389,7 +389,10 @@ def proposition2(
         trust_remote_code=config.trust_remote_code,
         max_length=int(params.get("max_length", 512)),
         instance_prompt=params.get("instance_prompt"),
-        resolution=int(params.get("resolution", 512)),
+        resolution=params.get(
+            "resolution"
+        ),  # None: the model's native size, as the score run had it
+        flip=bool(params.get("flip", False)),
         loss_draws=int(params.get("loss_draws", 4)),
     )
     adaptation = load_samples(

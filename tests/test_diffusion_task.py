@@ -87,6 +87,7 @@ def test_resize_then_center_crop():
 def test_a_samples_loss_is_the_same_alone_in_any_batch_and_any_order(tiny, samples):
     task = make_task(tiny)
     task.add_adapter(AdapterSettings(kind="lora", rank=4), seed=0)
+    task.model.eval()  # as score and eval run it
     with torch.no_grad():
         for name, p in task.trainable_parameters().items():
             if "lora_B" in name:
@@ -106,6 +107,17 @@ def test_a_samples_loss_is_the_same_alone_in_any_batch_and_any_order(tiny, sampl
     assert torch.equal(t1, t2[:1]) and torch.equal(e1, e2[:1])
     assert not torch.equal(t2, task.draws(samples[1].key)[0])
     assert draw_seed("a") == draw_seed("a") != draw_seed("b")
+
+
+def test_training_draws_fresh_noise_each_step_from_the_seeded_rng(tiny, samples):
+    task = make_task(tiny)
+    task.add_adapter(AdapterSettings(kind="lora", rank=4), seed=0)
+    task.model.train()
+    torch.manual_seed(0)
+    first, second = task.draws(samples[0].key), task.draws(samples[0].key)
+    assert not torch.equal(first[1], second[1])  # a new (timestep, noise) pair every step
+    torch.manual_seed(0)
+    assert torch.equal(task.draws(samples[0].key)[1], first[1])  # but reproducible per seed
 
 
 def test_loss_is_the_denoising_mse_of_the_scheduler_target(tiny, samples):

@@ -311,8 +311,18 @@ class DiffusionTask(Task):
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def draws(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sample's K timesteps [K] (int64) and noises [K, C, h, w] (float32), on CPU."""
-        gen = torch.Generator().manual_seed(draw_seed(key))
+        """The sample's K timesteps [K] (int64) and noises [K, C, h, w] (float32), on CPU.
+
+        Scoring and evaluation (model in eval mode) seed them from the key, so a sample's loss
+        never depends on its batch, order or shard. Training (model in train mode) draws fresh
+        ones from torch's RNG, which the training loop seeds: fixed draws would let the adapter
+        fit those particular noises and drive the surrogate's target gradient towards zero.
+        """
+        if self.model.training:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        else:
+            seed = draw_seed(key)
+        gen = torch.Generator().manual_seed(seed)
         steps, noises = [], []
         n = self.scheduler.config.num_train_timesteps
         shape = (self.latent_channels, self.latent_size, self.latent_size)
