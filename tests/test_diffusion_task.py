@@ -298,3 +298,22 @@ def test_flip_mirrors_the_images_chosen_by_key_and_only_those(tiny, samples):
     for i, mirrored in enumerate(chosen):
         same = torch.equal(a[i], b[i])
         assert same != mirrored, samples[i].key
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon"])
+def test_fd_scores_rank_like_brute_force_through_the_task(tiny, samples, kind):
+    from batctl.influence.engines import FDEngine
+
+    task = make_task(tiny)
+    task.add_adapter(AdapterSettings(kind=kind, rank=2, alpha=4), seed=0)
+    adaptation, pool = samples[:4], samples
+    train(task, adaptation, steps=3)
+    task.model.eval()
+    target = build_target(
+        per_sample_grads(task, adaptation, batch_size=2), preconditioner="woodbury"
+    )
+    expected, _ = brute_force_scores(brute_force_grads(task, pool, 4, "pool"), target)
+    fd = FDEngine(task, target, calibration=task.collate(adaptation, "adaptation"))
+    got = fd.score(task.collate(pool, "pool")).scores  # float32 model, two forwards
+    ranks = [torch.argsort(torch.argsort(x)).double() for x in (got, expected.double())]
+    assert torch.corrcoef(torch.stack(ranks))[0, 1] > 0.999  # Spearman's rho
