@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import abc
 import bz2
 import gzip
 import json
@@ -103,7 +104,9 @@ def json_record_raw(
     return key, raw, None
 
 
-class Reader:
+class Reader(abc.ABC):
+    """One part's format: streams its rows and reads one row back by offset."""
+
     def __init__(self, part: Part, *, paragraphs: bool = False) -> None:
         self.part = part
         self.paragraphs = paragraphs
@@ -112,11 +115,13 @@ class Reader:
     #: whether keys are ``<stem>:<n>`` indices that read_one cannot know without an index
     index_keys = False
 
+    @abc.abstractmethod
     def rows(self, decode: bool, warn: Callable[[str], None] | None = None) -> Iterator[Row]:
-        raise NotImplementedError
+        """Every row of the part in order: (key, offset, raw, Bad or None)."""
 
+    @abc.abstractmethod
     def read_one(self, offset: int) -> Row:
-        raise NotImplementedError
+        """The row that starts at `offset`, parsed on its own."""
 
 
 def _stem(path: Path) -> str:
