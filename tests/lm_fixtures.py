@@ -52,3 +52,14 @@ def make_selection(root: Path, model: Path, records: list[dict]) -> Path:
             for i, record in enumerate(records):
                 sink.write({"__key__": f"pool-{i:04d}", "json": json.dumps(record).encode()})
     return selection
+
+
+WORDS = "alpha beta gamma delta river stone cloud music paper light".split()
+
+
+def mixed_pool_lines(n: int, seed: int, rng, words_per_line: int = 10) -> list[str]:
+    """JSONL lines of a pool where every third record is from the color domain, the rest word salad."""
+    return [
+        json.dumps(r if i % 3 == 0 else {"text": " ".join(rng.choice(WORDS, words_per_line))})
+        for i, r in enumerate(color_records(n, seed=seed))
+    ]

@@ -16,9 +16,7 @@ import zarr
 from batctl.scorestore import SCORED, UNREADABLE, ScoreStore
 from batctl.tiny import build_tiny_lm
 
-from .lm_fixtures import color_records, write_jsonl
-
-WORDS = "alpha beta gamma delta river stone cloud music paper light".split()
+from .lm_fixtures import color_records, mixed_pool_lines, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +32,7 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     parts = []
     for p in range(2):
-        lines = []
-        for i, record in enumerate(color_records(30, seed=10 + p)):
-            lines.append(
-                json.dumps(record if i % 3 == 0 else {"text": " ".join(rng.choice(WORDS, 10))})
-            )
+        lines = mixed_pool_lines(30, 10 + p, rng)
         if p == 1:
             lines.insert(7, "{not json")
         (root / f"pool-{p}.jsonl").write_text("\n".join(lines) + "\n")

@@ -15,9 +15,7 @@ from batctl.influence.target import DEAD_LAYER_RMS
 from batctl.prop2 import Grams, choose_auto, newton_side
 from batctl.tiny import build_tiny_lm
 
-from .lm_fixtures import color_records, write_jsonl
-
-WORDS = "alpha beta gamma delta river stone cloud music paper light".split()
+from .lm_fixtures import color_records, mixed_pool_lines, write_jsonl
 
 
 def dense_side(G: torch.Tensor, c: float) -> float:
@@ -81,10 +79,7 @@ def pipeline(tmp_path_factory):
     lm = build_tiny_lm(root / "lm", seed=0)
     domain = write_jsonl(root / "domain.jsonl", color_records(6, seed=1))
     rng = np.random.default_rng(0)
-    lines = [
-        json.dumps(r if i % 3 == 0 else {"text": " ".join(rng.choice(WORDS, 8))})
-        for i, r in enumerate(color_records(24, seed=10))
-    ]
+    lines = mixed_pool_lines(24, 10, rng, words_per_line=8)
     (root / "pool.jsonl").write_text("\n".join(lines) + "\n")
     runner = CliRunner()
     for args in (

@@ -19,84 +19,22 @@ from typing import Any
 #: Image members, in the order in which a sample's image is looked for (the first present wins).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
+#: Members that webdataset.TarWriter gzips when their extension gets a ".gz" suffix.
+GZIPPABLE_EXTENSIONS: tuple[str, ...] = (
+    "txt", "text", "caption", "json", "jsonl", "cls", "cls2", "npy", "pth", "pt", "pickle",
+    "pkl", "pyd", "ten", "cbor", "mp", "msgpack", "md", "html", "xml", "csv", "tsv", "yaml", "yml",
+)  # fmt: skip
+
 #: Extensions batctl knows (documentation, sniffing and image folders).  A member name is
 #: split at its LAST dot, except that the two-part extensions in COMPOUND_EXTENSIONS are kept
-#: whole, so this is also "strip the longest known extension suffix": any key may contain dots.
+#: whole, so this is also "strip the longest known suffix": any key may contain dots.
 KNOWN_EXTENSIONS: frozenset[str] = frozenset(
-    {
-        *IMAGE_EXTENSIONS,
-        "ppm",
-        "pgm",
-        "pbm",
-        "txt",
-        "text",
-        "caption",
-        "json",
-        "jsonl",
-        "cls",
-        "cls2",
-        "index",
-        "idx",
-        "npy",
-        "npz",
-        "pth",
-        "pt",
-        "pickle",
-        "pkl",
-        "pyd",
-        "ten",
-        "cbor",
-        "mp",
-        "msgpack",
-        "md",
-        "html",
-        "xml",
-        "csv",
-        "tsv",
-        "yaml",
-        "yml",
-        "wav",
-        "flac",
-        "mp3",
-        "ogg",
-        "mp4",
-        "webm",
-        "avi",
-        "mkv",
-    }
-)
+    (*IMAGE_EXTENSIONS, *GZIPPABLE_EXTENSIONS, "ppm", "pgm", "pbm", "index", "idx", "npz",
+     "wav", "flac", "mp3", "ogg", "mp4", "webm", "avi", "mkv")
+)  # fmt: skip
 
 #: Two-part extensions kept whole ("000001.json.gz" -> key "000001", extension "json.gz").
-#: webdataset.TarWriter gzips members whose extension ends in ".gz"; these are those.
-COMPOUND_EXTENSIONS: frozenset[str] = frozenset(
-    f"{e}.gz"
-    for e in (
-        "txt",
-        "text",
-        "caption",
-        "json",
-        "jsonl",
-        "cls",
-        "cls2",
-        "npy",
-        "pth",
-        "pt",
-        "pickle",
-        "pkl",
-        "pyd",
-        "ten",
-        "cbor",
-        "mp",
-        "msgpack",
-        "md",
-        "html",
-        "xml",
-        "csv",
-        "tsv",
-        "yaml",
-        "yml",
-    )
-)
+COMPOUND_EXTENSIONS: frozenset[str] = frozenset(f"{e}.gz" for e in GZIPPABLE_EXTENSIONS)
 
 #: Image file suffixes recognised in image folders (lower case, without the dot).
 IMAGE_FILE_SUFFIXES: frozenset[str] = frozenset(
