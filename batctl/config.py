@@ -384,6 +384,9 @@ class TrainingOptions(DataOptions):
     targets: tuple[str, ...] = ()
     """Module names to adapt; default: peft's choice for the architecture; all-linear allowed."""
 
+    train_text_encoder: bool = False
+    """Diffusion: also put the adapter on the CLIP text encoder's attention (q/k/v/out_proj)."""
+
     steps: int | None = 200
     """Optimizer steps (ignored when --epochs is given)."""
 
@@ -434,7 +437,14 @@ class TrainingOptions(DataOptions):
         """The AdapterSettings these flags describe."""
         from batctl.tasks.base import AdapterSettings
 
-        return AdapterSettings(self.adapter, self.rank, self.alpha, self.dropout, self.targets)
+        return AdapterSettings(
+            self.adapter,
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.targets,
+            text_encoder=self.train_text_encoder,
+        )
 
     def loop_settings(self, mix: str = "uniform", backbone_weight: float = 1.0) -> Any:
         """The LoopSettings these flags describe."""

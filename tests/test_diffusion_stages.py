@@ -150,3 +150,48 @@ def test_adaptation_images_need_an_instance_prompt(cli, world, tmp_path):
         "1",
     )
     assert result.exit_code == 2 and "--instance-prompt" in result.stderr
+
+
+def test_text_encoder_lora_through_surrogate_score_and_train(cli, world, tmp_path):
+    from safetensors import safe_open
+
+    sd, root = world["sd"], world["root"]
+    common = ["--model", sd, "--data", root / "instance", "--instance-prompt", PROMPT]
+    te = ["--train-text-encoder", "--steps", "2", "--lr", "1e-3"]
+    result = cli("surrogate", *common, *te, "--out", tmp_path / "sur")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "sur" / "text_encoder" / "adapter_model.safetensors").is_file()
+    with safe_open(str(tmp_path / "sur" / "pytorch_lora_weights.safetensors"), "pt") as fh:
+        assert {k.split(".", 1)[0] for k in fh.keys()} == {"unet", "text_encoder"}
+
+    result = cli(
+        "score",
+        *common,
+        "--surrogate",
+        tmp_path / "sur",
+        "--pool",
+        root / "laion-000.tar",
+        "--out",
+        tmp_path / "scores",
+        "--loss-draws",
+        "2",
+    )
+    assert result.exit_code == 0, result.stderr
+    with safe_open(str(tmp_path / "scores" / "target.safetensors"), "pt") as fh:
+        assert any(k.startswith("r/text_encoder.") for k in fh.keys())
+    store = ScoreStore.open(tmp_path / "scores")
+    assert np.isfinite(store.column("score")[store.column("status") == SCORED]).all()
+
+    result = cli(
+        "train",
+        *common,
+        *te,
+        "--init",
+        "surrogate",
+        "--surrogate",
+        tmp_path / "sur",
+        "--out",
+        tmp_path / "ad",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "ad" / "text_encoder" / "adapter_config.json").is_file()

@@ -64,7 +64,8 @@ def train(task, samples, steps=3, lr=1e-2):
 def test_load_task_detects_the_pipeline_and_reads_its_config(tiny):
     task = load_task(TaskSettings(model=str(tiny), resolution=32, loss_draws=3, device="cpu"))
     assert isinstance(task, DiffusionTask) and task.family == "diffusion"
-    assert task.model is task.unet and not task.trainable_parameters()
+    assert task.model.unet is task.unet and task.model.text_encoder is task.text_encoder
+    assert not task.trainable_parameters() and not task.text_encoder_adapted()
     assert task.vae_scale_factor == 2 and task.latent_size == 16  # the tiny VAE's, not SD's 8
     settings = task.loss_settings()
     assert settings["prediction_type"] == "epsilon" and settings["loss_draws"] == "3"
@@ -221,11 +222,11 @@ def test_saved_adapter_loads_the_same_in_batctl_peft_and_diffusers(tiny, samples
         with torch.no_grad():
             return unet(x, t, encoder_hidden_states=states).sample
 
-    trained = run(task.model)
+    trained = run(task.unet)
     mine = make_task(tiny)
-    bare = run(mine.model)
+    bare = run(mine.unet)
     mine.load_adapter(tmp_path / "adapter")
-    ours = run(mine.model)
+    ours = run(mine.unet)
     assert (trained - ours).abs().max() < 1e-6
     assert (ours - bare).abs().max() > 1e-3  # the adapter does something
 
@@ -237,6 +238,105 @@ def test_saved_adapter_loads_the_same_in_batctl_peft_and_diffusers(tiny, samples
     pipe.load_lora_weights(str(tmp_path / "adapter"), adapter_name="batctl")
     diffusers_out = run(pipe.unet)
     assert (diffusers_out - ours).abs().max() < 1e-5
+
+
+TEXT_ENCODER_ADAPTERS = {
+    "lora": AdapterSettings(kind="lora", rank=4, alpha=8, text_encoder=True),
+    "dora": AdapterSettings(kind="dora", rank=2, alpha=4, text_encoder=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(TEXT_ENCODER_ADAPTERS))
+def test_text_encoder_adapter_loads_the_same_in_batctl_peft_and_diffusers(
+    tiny, samples, tmp_path, kind
+):
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    task = make_task(tiny)
+    task.add_adapter(TEXT_ENCODER_ADAPTERS[kind], seed=0)
+    assert task.text_encoder_adapted()
+    names = list(task.trainable_parameters())
+    assert any(n.startswith("text_encoder.") and ".q_proj.lora_A." in n for n in names)
+    assert any(n.startswith("unet.") for n in names)
+    batch = task.collate(samples[:2], "adaptation")
+    assert "ids" in batch and "states" not in batch  # encoded inside the loss, with grad
+    train(task, samples[:4])
+    task.save_adapter(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "text_encoder" / "adapter_config.json").read_text())
+    assert config["r"] == TEXT_ENCODER_ADAPTERS[kind].rank and config["lora_alpha"] != config["r"]
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    with safe_open(str(tmp_path / "adapter" / DIFFUSERS_WEIGHTS), "pt") as fh:
+        prefixes = {k.split(".", 1)[0] for k in fh.keys()}
+        meta = json.loads(fh.metadata()["lora_adapter_metadata"])
+    assert prefixes == {"unet", "text_encoder"}
+    assert meta["text_encoder.lora_alpha"] == TEXT_ENCODER_ADAPTERS[kind].alpha
+
+    ids = task.tokenizer(
+        ["a photo of sks dog", "red"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+
+    def encode(text_encoder):
+        with torch.no_grad():
+            return text_encoder(ids)[0]
+
+    trained = encode(task.text_encoder)
+    mine = make_task(tiny)
+    plain = encode(mine.text_encoder)
+    mine.load_adapter(tmp_path / "adapter")
+    assert mine.text_encoder_adapted()
+    ours = encode(mine.text_encoder)
+    assert (trained - ours).abs().max() < 1e-6
+    assert (ours - plain).abs().max() > 1e-3  # the adapter does something
+
+    fresh = CLIPTextModel.from_pretrained(tiny / "text_encoder")
+    peft_out = encode(PeftModel.from_pretrained(fresh, str(tmp_path / "adapter" / "text_encoder")))
+    assert (peft_out - ours).abs().max() < 1e-5
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny)
+    pipe.load_lora_weights(str(tmp_path / "adapter"), adapter_name="batctl")
+    assert (encode(pipe.text_encoder) - ours).abs().max() < 1e-5
+    # And the whole conditional UNet output, text encoder included, agrees with batctl's loss.
+    mine.model.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([3, 500])
+        ref = pipe.unet(x, t, encoder_hidden_states=encode(pipe.text_encoder)).sample
+        got = mine.unet(x, t, encoder_hidden_states=ours).sample
+    assert (ref - got).abs().max() < 1e-5
+
+
+def test_text_encoder_adapter_is_removed_and_replaced(tiny, samples, tmp_path):
+    task = make_task(tiny)
+    task.add_adapter(TEXT_ENCODER_ADAPTERS["lora"], seed=0)
+    task.save_adapter(tmp_path / "both")
+    task.add_adapter(ADAPTERS["lora"], seed=0)  # a UNet-only adapter replaces both
+    assert not task.text_encoder_adapted()
+    assert not any(n.startswith("text_encoder.") for n in task.trainable_parameters())
+    assert "states" in task.collate(samples[:1], "pool")
+    task.load_adapter(tmp_path / "both", trainable=True)
+    assert any(n.startswith("text_encoder.") for n in task.trainable_parameters())
+    task.remove_adapter()
+    assert not any("lora" in n for n, _ in task.model.named_modules())
+
+
+def test_hooks_scores_with_a_text_encoder_adapter_equal_brute_force(tiny, samples):
+    task = make_task(tiny)
+    task.add_adapter(AdapterSettings(kind="lora", rank=2, alpha=4, text_encoder=True), seed=0)
+    adaptation, pool = samples[:4], samples[4:]
+    train(task, adaptation, steps=3)
+    task.model.to(torch.float64)  # UNet and text encoder (both adapted); the VAE stays fp32
+    grads = per_sample_grads(task, adaptation, batch_size=2)  # verify=True: rows per sample
+    target = build_target(grads, preconditioner="woodbury")
+    assert any(name.startswith("text_encoder.") for name in target.r)
+    expected, expected_layers = brute_force_scores(brute_force_grads(task, pool, 4, "pool"), target)
+    got = HooksEngine(task, target).score(task.collate(pool, "pool"), layer_scores=True)
+    assert max_rel(got.scores, expected) < 1e-6
+    assert max_rel(got.layer_scores, expected_layers) < 1e-6
+    text = [i for i, name in enumerate(target.layers) if name.startswith("text_encoder.")]
+    assert float(got.layer_scores[:, text].abs().max()) > 0  # the text encoder's layers count
 
 
 def test_load_adapter_trainable_and_remove(tiny, samples, tmp_path):
@@ -253,7 +353,7 @@ def test_load_adapter_trainable_and_remove(tiny, samples, tmp_path):
     other.load_adapter(tmp_path / "a")  # replaces, does not stack
     assert not other.trainable_parameters()
     other.remove_adapter()
-    assert other.model is other.unet and not any(
+    assert other.model.unet is other.unet and not any(
         "lora" in n for n, _ in other.model.named_modules()
     )
 
@@ -277,7 +377,7 @@ def test_hooks_scores_equal_brute_force_through_the_task(tiny, samples, kind):
     task.add_adapter(AdapterSettings(kind=kind, rank=2, alpha=4), seed=0)
     adaptation, pool = samples[:4], samples[4:]
     train(task, adaptation, steps=3)
-    task.model.to(torch.float64)  # the adapted UNet; VAE and text encoder stay fp32 (constants)
+    task.unet.to(torch.float64)  # the adapted UNet; VAE and text encoder stay fp32 (constants)
     grads = per_sample_grads(task, adaptation, batch_size=2)  # verify=True: rows per sample
     target = build_target(grads, preconditioner="woodbury")
     expected, expected_layers = brute_force_scores(brute_force_grads(task, pool, 4, "pool"), target)

@@ -131,3 +131,11 @@ def test_locon_is_refused_for_language_models(lm_dir):
     task = load_task(TaskSettings(str(lm_dir)))
     with pytest.raises(UsageError, match="locon"):
         task.add_adapter(AdapterSettings(kind="locon"), seed=0)
+
+
+def test_text_encoder_adapter_is_refused_for_language_models(lm_dir):
+    from batctl.errors import UsageError
+
+    task = load_task(TaskSettings(str(lm_dir)))
+    with pytest.raises(UsageError, match="--train-text-encoder"):
+        task.add_adapter(AdapterSettings(text_encoder=True), seed=0)

@@ -75,6 +75,9 @@ class AdapterSettings:
     targets: tuple[str, ...] = ()
     """Module names to adapt; empty means the family's default."""
 
+    text_encoder: bool = False
+    """Diffusion: also adapt the text encoder (same kind, rank and alpha)."""
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

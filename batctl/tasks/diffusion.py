@@ -1,5 +1,5 @@
 """Text-to-image diffusion (Stable Diffusion 1.x / 2.x) with peft LoRA / DoRA / LoCon adapters
-on the UNet (DESIGN §4, diffusion).
+on the UNet and, optionally, LoRA / DoRA on the CLIP text encoder (DESIGN §4, diffusion).
 
 Samples are an image and a caption (``record["image"]``, a PIL RGB image, and
 ``record["caption"]``). Adaptation samples are captioned with the DreamBooth instance prompt
@@ -8,7 +8,10 @@ captions. ``collate`` resizes the shorter side to ``resolution`` (bilinear, as t
 DreamBooth script's ``transforms.Resize``), center-crops to ``resolution`` x ``resolution``,
 maps pixels to [-1, 1], VAE-encodes to latents (the latent distribution's mean, times the VAE's
 ``scaling_factor``: deterministic) and runs the frozen CLIP text encoder on the captions (77
-tokens, padded and truncated as the pipeline does).
+tokens, padded and truncated as the pipeline does). When the text encoder carries an adapter
+(``--train-text-encoder``), collate keeps the token ids instead and ``per_sample_loss`` runs the
+text encoder itself, so its LoRA layers see the gradient (one row per sample; the states are then
+repeated for the K draws).
 
 The per-sample loss is DreamBooth's denoising MSE, averaged over K = ``loss_draws`` (timestep,
 noise) draws. Every draw comes from a ``torch.Generator`` seeded with a hash of the sample's key,
@@ -20,10 +23,15 @@ B·K rows laid out sample-major (sample i's K draws are rows iK .. iK+K-1), whic
 hooks score engine needs (see ``batctl.influence.capture``).
 
 Saved adapters: peft's ``adapter_model.safetensors`` + ``adapter_config.json``
-(``PeftModel.from_pretrained(unet, DIR)``) and diffusers' ``pytorch_lora_weights.safetensors``
-(``StableDiffusionPipeline.load_lora_weights(DIR)``) holding the same tensors under ``unet.``
-with the ``LoraConfig`` as ``lora_adapter_metadata``, so diffusers rebuilds exactly the peft
-layers batctl trained (``lora_alpha`` != rank, DoRA magnitudes, LoCon convolutions).
+(``PeftModel.from_pretrained(unet, DIR)``; the text encoder's in ``DIR/text_encoder/``) and
+diffusers' ``pytorch_lora_weights.safetensors`` (``StableDiffusionPipeline.load_lora_weights(DIR)``)
+holding the same tensors under ``unet.`` and ``text_encoder.`` with each part's ``LoraConfig`` as
+its ``lora_adapter_metadata``, so diffusers rebuilds exactly the peft layers batctl trained
+(``lora_alpha`` != rank, DoRA magnitudes, LoCon convolutions).
+
+``task.model`` is an ``AdaptableParts`` module holding the UNet and the text encoder, so the
+training loop, the score engines' layer discovery and eval's mode switches see every adapted
+parameter of both through one module tree.
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
 """LoCon adds the convolutions of the ResNet blocks (3x3 ``conv1``/``conv2``, the 1x1
 ``conv_shortcut`` where channels change) and of the down/upsamplers (``downsamplers.0.conv``,
 ``upsamplers.0.conv``): LyCORIS' LoCon scope (ResnetBlock2D, Downsample2D, Upsample2D)."""
+
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""--train-text-encoder: the CLIP attention projections (diffusers' DreamBooth LoRA script's)."""
+
+TEXT_ENCODER_DIR = "text_encoder"
+"""Subdirectory of a saved adapter holding the text encoder's peft adapter."""
 
 ADAPTER_KINDS = ("lora", "dora", "locon")
 PEFT_PREFIX = "base_model.model."
@@ -108,8 +122,27 @@ def quiet_diffusion_libraries() -> None:
     df_logging.disable_progress_bar()
 
 
+class AdaptableParts(torch.nn.Module):
+    """The pipeline parts an adapter may live on: ``unet`` and ``text_encoder`` (the task's
+    ``model``). Each is the bare frozen part or a ``PeftModel`` wrapping it; no forward of its
+    own (``DiffusionTask.per_sample_loss`` is the forward)."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+
+def bare(part: torch.nn.Module) -> torch.nn.Module:
+    """The part without its PeftModel wrapper (peft injects its layers into the part itself)."""
+    from peft import PeftModel
+
+    return part.get_base_model() if isinstance(part, PeftModel) else part
+
+
 class DiffusionTask(Task):
-    """A Stable Diffusion 1.x/2.x pipeline's parts, frozen; one peft adapter on the UNet."""
+    """A Stable Diffusion 1.x/2.x pipeline's parts, frozen; one peft adapter on the UNet (and the
+    text encoder, with ``AdapterSettings.text_encoder``)."""
 
     family = "diffusion"
 
@@ -153,10 +186,8 @@ class DiffusionTask(Task):
         for part in (text_encoder, vae, unet):
             part.requires_grad_(False)
             part.eval()
-        self.text_encoder = text_encoder.to(self.device)
         self.vae = vae.to(self.device)
-        self.unet = unet.to(self.device)
-        self.model: torch.nn.Module = self.unet
+        self.model: AdaptableParts = AdaptableParts(unet, text_encoder).to(self.device).eval()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         # None: the pipeline's native size (what StableDiffusionPipeline generates by default).
         self.resolution = settings.resolution or unet.config.sample_size * self.vae_scale_factor
@@ -164,6 +195,22 @@ class DiffusionTask(Task):
         self.latent_channels = unet.config.in_channels
         self.max_tokens = min(self.tokenizer.model_max_length, 77)
         self.truncated: set[tuple[int, str]] = set()
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The UNet (a PeftModel when it carries an adapter)."""
+        return self.model.unet
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The CLIP text encoder (a PeftModel when it carries an adapter)."""
+        return self.model.text_encoder
+
+    def text_encoder_adapted(self) -> bool:
+        """Whether the text encoder carries an adapter (then it runs inside the loss)."""
+        from peft import PeftModel
+
+        return isinstance(self.model.text_encoder, PeftModel)
 
     # ------------------------------------------------------------------ adapters
 
@@ -186,7 +233,7 @@ class DiffusionTask(Task):
         self.remove_adapter()
         torch.manual_seed(seed)
         try:
-            self.model = get_peft_model(self.unet, config)
+            unet = get_peft_model(self.model.unet, config)
         except ValueError as exc:
             if "not found in the base model" not in str(exc) and "Target module" not in str(exc):
                 raise
@@ -194,13 +241,26 @@ class DiffusionTask(Task):
                 f"--targets {' '.join(targets)}: no such module in the UNet of "
                 f"{self.settings.model}; adaptable modules are: {', '.join(self._adaptable())}"
             ) from None
-        self.model.peft_config["default"].base_model_name_or_path = self.settings.model
+        unet.peft_config["default"].base_model_name_or_path = self.settings.model
+        self.model.unet = unet
+        if adapter.text_encoder:
+            text_config = LoraConfig(
+                r=adapter.rank,
+                lora_alpha=adapter.alpha if adapter.alpha is not None else adapter.rank,
+                lora_dropout=adapter.dropout,
+                target_modules=list(TEXT_ENCODER_TARGETS),
+                use_dora=adapter.kind == "dora",
+                init_lora_weights=True,
+            )
+            text_encoder = get_peft_model(self.model.text_encoder, text_config)
+            text_encoder.peft_config["default"].base_model_name_or_path = self.settings.model
+            self.model.text_encoder = text_encoder
         self.model.to(self.device)
 
     def _adaptable(self) -> list[str]:
         """Short names of the UNet's Linear and Conv2d modules (what --targets may name)."""
         names = set()
-        for name, module in self.unet.named_modules():
+        for name, module in bare(self.unet).named_modules():
             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and "lora_" not in name:
                 parts = name.split(".")
                 names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
@@ -214,41 +274,50 @@ class DiffusionTask(Task):
                 f"{path}: no adapter_config.json; expected an adapter directory written by batctl"
             )
         self.remove_adapter()  # a second adapter replaces the first instead of stacking on it
-        self.model = PeftModel.from_pretrained(self.unet, str(path), is_trainable=trainable)
+        self.model.unet = PeftModel.from_pretrained(
+            self.model.unet, str(path), is_trainable=trainable
+        )
+        text_dir = Path(path) / TEXT_ENCODER_DIR
+        if (text_dir / "adapter_config.json").is_file():
+            self.model.text_encoder = PeftModel.from_pretrained(
+                self.model.text_encoder, str(text_dir), is_trainable=trainable
+            )
         self.model.to(self.device)
 
     def remove_adapter(self) -> None:
-        super().remove_adapter()
-        self.unet = self.model
+        from peft import PeftModel
+
+        for name in ("unet", "text_encoder"):
+            part = getattr(self.model, name)
+            if isinstance(part, PeftModel):
+                setattr(self.model, name, part.unload())
+        self.model.eval()
 
     def save_adapter(self, path: Path) -> None:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin
-        from peft import PeftModel, get_peft_model_state_dict
+        from peft import PeftModel
 
-        if not isinstance(self.model, PeftModel):
+        unet = self.model.unet
+        if not isinstance(unet, PeftModel):
             raise BatctlError("save_adapter: no adapter on the UNet (add or load one first)")
         path = Path(path)
-        self.model.save_pretrained(str(path), save_embedding_layers=False)
-        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
-        layers = {
-            (k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k): v.detach()
-            .cpu()
-            .contiguous()
-            for k, v in state.items()
+        unet.save_pretrained(str(path), save_embedding_layers=False)
+        parts: dict[str, Any] = {
+            "unet_lora_layers": diffusers_layers(unet),
+            "unet_lora_adapter_metadata": diffusers_metadata(unet),
         }
-        config = self.model.peft_config[self.model.active_adapter]
-        # Only the fields that shape the layers: LoraConfig(**metadata) is how diffusers rebuilds
-        # them, and a field an older peft does not know would make that call fail.
-        full = json.loads(json.dumps(config.to_dict(), default=_jsonable))
-        metadata = {k: full[k] for k in DIFFUSERS_METADATA if k in full}
-        if full.get("lora_bias"):
-            metadata["lora_bias"] = True
+        text_encoder = self.model.text_encoder
+        if isinstance(text_encoder, PeftModel):
+            text_encoder.save_pretrained(str(path / TEXT_ENCODER_DIR), save_embedding_layers=False)
+            parts["text_encoder_lora_layers"] = transformers_magnitudes(
+                diffusers_layers(text_encoder)
+            )
+            parts["text_encoder_lora_adapter_metadata"] = diffusers_metadata(text_encoder)
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             save_directory=str(path),
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=metadata,
             weight_name=DIFFUSERS_WEIGHTS,
             safe_serialization=True,
+            **parts,
         )
 
     # ------------------------------------------------------------------ settings, counters
@@ -267,6 +336,7 @@ class DiffusionTask(Task):
             "scheduler_source": self.scheduler_source,
             "num_train_timesteps": str(self.scheduler.config.num_train_timesteps),
             "instance_prompt": self.settings.instance_prompt or "",
+            "text_encoder": "adapted" if self.text_encoder_adapted() else "frozen",
         }
 
     def counters(self) -> dict[str, int]:
@@ -354,6 +424,11 @@ class DiffusionTask(Task):
             return_tensors="pt",
         ).input_ids
         draws = [self.draws(s.key) for s in samples]
+        batch: dict[str, Any] = {
+            "timesteps": torch.cat([t for t, _ in draws]).to(self.device),  # [B*K], sample-major
+            "noise": torch.cat([e for _, e in draws]).to(self.device),  # [B*K, C, h, w]
+            "keys": [s.key for s in samples],
+        }
         with torch.no_grad():
             vae_dtype = next(self.vae.parameters()).dtype
             dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
@@ -361,18 +436,15 @@ class DiffusionTask(Task):
             shift = getattr(self.vae.config, "shift_factor", None)
             if shift is not None:
                 latents = latents - shift
-            latents = latents * self.vae.config.scaling_factor
-            states = self.text_encoder(ids.to(self.device))[0]
-        return {
-            "latents": latents,  # [B, C, h, w]
-            "states": states,  # [B, 77, D]
-            "timesteps": torch.cat([t for t, _ in draws]).to(self.device),  # [B*K], sample-major
-            "noise": torch.cat([e for _, e in draws]).to(self.device),  # [B*K, C, h, w]
-            "keys": [s.key for s in samples],
-        }
+            batch["latents"] = latents * self.vae.config.scaling_factor  # [B, C, h, w]
+            if self.text_encoder_adapted():
+                batch["ids"] = ids.to(self.device)  # [B, 77]: encoded in the loss, with grad
+            else:
+                batch["states"] = self.text_encoder(ids.to(self.device))[0]  # [B, 77, D]
+        return batch
 
     def _unet_dtype(self) -> torch.dtype:
-        for p in self.unet.parameters():
+        for p in self.model.unet.parameters():
             if not p.requires_grad:
                 return p.dtype
         return next(self.unet.parameters()).dtype
@@ -386,8 +458,12 @@ class DiffusionTask(Task):
         noise = batch["noise"].to(work)
         steps = batch["timesteps"]
         noisy = self.scheduler.add_noise(latents, noise, steps)
-        states = batch["states"].to(dtype).repeat_interleave(k, dim=0)
-        pred = self.model(noisy.to(dtype), steps, encoder_hidden_states=states).sample.to(work)
+        states = batch.get("states")
+        if states is None:
+            states = self.model.text_encoder(batch["ids"])[0]
+        states = states.to(dtype).repeat_interleave(k, dim=0)
+        pred = self.model.unet(noisy.to(dtype), steps, encoder_hidden_states=states).sample
+        pred = pred.to(work)
         if self.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, steps)
         else:
@@ -416,7 +492,6 @@ class DiffusionTask(Task):
 
         import diffusers
         from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-        from peft import PeftModel
 
         from batctl.metrics import diffusion as dm
 
@@ -437,13 +512,11 @@ class DiffusionTask(Task):
             else:
                 sampler = shipped.from_pretrained(self.settings.model, subfolder="scheduler")
             cache["sampler"] = sampler
-        # peft injects the adapter's layers into the UNet itself: the base model runs with them.
-        unet = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         pipe = StableDiffusionPipeline(
             vae=self.vae,
-            text_encoder=self.text_encoder,
+            text_encoder=bare(self.text_encoder),
             tokenizer=self.tokenizer,
-            unet=unet,
+            unet=bare(self.unet),
             scheduler=sampler,
             safety_checker=None,
             feature_extractor=None,
@@ -477,6 +550,44 @@ class DiffusionTask(Task):
             batch_size=options.batch_size,
             reference_cache=cache["references"].setdefault(ref_key, {}),
         )
+
+
+def diffusers_layers(part: Any) -> dict[str, torch.Tensor]:
+    """A PeftModel's adapter tensors under the part's own module names (diffusers' layout)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(part, save_embedding_layers=False)
+    return {
+        (k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k): v.detach().cpu().contiguous()
+        for k, v in state.items()
+    }
+
+
+def transformers_magnitudes(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DoRA magnitudes keyed ``...lora_magnitude_vector.weight`` (peft writes them without it).
+
+    diffusers hands the text encoder's tensors to transformers' ``load_adapter``, which inserts
+    the adapter name before the last key component and so expects the parameter's own name:
+    peft's bare ``lora_magnitude_vector`` key would load as an unexpected key, leaving the
+    magnitudes at their init (tested: 0.42 max difference in text states on the tiny model).
+    """
+    return {
+        (f"{k}.weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in layers.items()
+    }
+
+
+def diffusers_metadata(part: Any) -> dict[str, Any]:
+    """The LoraConfig fields diffusers needs to rebuild a PeftModel's layers exactly.
+
+    Only the fields that shape the layers: ``LoraConfig(**metadata)`` is how diffusers rebuilds
+    them, and a field an older peft does not know would make that call fail.
+    """
+    config = part.peft_config[part.active_adapter]
+    full = json.loads(json.dumps(config.to_dict(), default=_jsonable))
+    metadata = {k: full[k] for k in DIFFUSERS_METADATA if k in full}
+    if full.get("lora_bias"):
+        metadata["lora_bias"] = True
+    return metadata
 
 
 def _scheduler_class(model: str) -> str:

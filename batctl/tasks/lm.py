@@ -113,6 +113,10 @@ class LMTask(Task):
             raise UsageError(
                 "--adapter locon adapts conv layers: it is for diffusion models; use lora or dora"
             )
+        if adapter.text_encoder:
+            raise UsageError(
+                "--train-text-encoder adapts a diffusion model's text encoder; an LM has none"
+            )
         targets: Any = list(adapter.targets) or None
         if targets == ["all-linear"]:
             targets = "all-linear"
