@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo demo-diffusion test test-all lint bench bench-quality clean
 
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
@@ -17,6 +17,9 @@ install:
 
 demo: install
 	$(PYTHON) -m batctl demo
+
+demo-diffusion: install
+	$(PYTHON) -m batctl demo --task diffusion
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
@@ -32,6 +35,9 @@ bench: install
 	$(PYTHON) benchmarks/read_throughput.py
 	$(PYTHON) benchmarks/tiny_backbones.py
 	$(PYTHON) benchmarks/score_throughput.py
+
+bench-quality: install
+	$(PYTHON) benchmarks/bat_quality.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

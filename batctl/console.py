@@ -56,6 +56,9 @@ def print_result(result: Mapping[str, Any], as_json: bool) -> None:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         return
     for key, value in result.items():
+        if isinstance(value, str) and "\n" in value:  # a block (the demo's table): as it is
+            stdout.print(f"{key}:\n{value}", highlight=False, markup=False, soft_wrap=True)
+            continue
         if isinstance(value, Mapping | list):
             value = json.dumps(value, default=str)
         stdout.print(f"{key}: {value}", highlight=False, markup=False)

@@ -37,10 +37,3 @@ class BadSampleError(BatctlError):
         self.key = key
         self.problem = problem
         self.fix = fix
-
-
-class NotBuilt(UsageError):
-    """A command whose stage is planned but not built yet (see CHANGELOG). Exit code 2."""
-
-    def __init__(self, command: str) -> None:
-        super().__init__(f"batctl {command}: not implemented yet: see CHANGELOG")

@@ -340,13 +340,15 @@ def build_tiny_lm(
     intermediate_size: int | None = None,
     vocab_size: int | None = None,
     max_position_embeddings: int = 512,
+    text: str = TINY_TEXT,
 ) -> Path:
     """Write a tiny random LLaMA-style causal LM and its tokenizer to ``out_dir``; return it.
 
     ``intermediate_size`` defaults to ``4 * hidden_size``. ``vocab_size`` sets the tokenizer's
     size (default 512) and the model's embedding rows; if the embedded text cannot give that
     many merges, the embedding keeps ``vocab_size`` rows and the extra ones are never produced
-    by the tokenizer (as real models pad their vocabulary). Loadable with
+    by the tokenizer (as real models pad their vocabulary). ``text`` is what the tokenizer's
+    merges are learned from. Loadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -363,7 +365,9 @@ def build_tiny_lm(
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tiny_lm_tokenizer(
-        512 if vocab_size is None else vocab_size, model_max_length=max_position_embeddings
+        512 if vocab_size is None else vocab_size,
+        text=text,
+        model_max_length=max_position_embeddings,
     )
     n_vocab = max(len(tokenizer), vocab_size or 0)
     config = LlamaConfig(

@@ -55,10 +55,11 @@ def test_missing_and_bad_flags_exit_2_listing_every_problem_without_traceback(cl
     assert result.stdout == ""
 
 
-def test_unbuilt_stage_exits_2_pointing_at_the_changelog(cli, tmp_path):
-    result = cli("demo", "--out", tmp_path / "demo")
+def test_demo_flags_are_checked_before_anything_runs(cli, tmp_path):
+    result = cli("demo", "--out", tmp_path / "demo", "--gamma", "1.5", "--preconditioner", "magic")
     assert result.exit_code == 2
-    assert "not implemented yet: see CHANGELOG" in result.stderr
+    assert "--gamma" in result.stderr and "--preconditioner magic" in result.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def test_gamma_outside_unit_interval_is_a_usage_error(cli, tmp_path):

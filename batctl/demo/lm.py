@@ -1,0 +1,232 @@
+"""The LM demo world: stdlib docstrings, a tiny LLaMA pretrained on them by batctl.
+
+The target domain (``email``) is split three ways: held-out paragraphs for eval, n adaptation
+paragraphs (D_A), and the rest, which go into the pool with every other domain: BAT's premise is
+that the pool is the backbone's own pretraining data, so the backbone is pretrained on exactly
+the pool. The oracle set is D_A plus the pool's target-domain paragraphs: all the target data
+there is, minus the held-out part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batctl.demo.stdlib import Paragraph, read_corpus
+from batctl.demo.world import World, cached_world
+from batctl.errors import BatctlError
+
+log = logging.getLogger("batctl.demo")
+
+TARGET = "email"
+N_ADAPTATION = 32
+N_HELDOUT = 100
+POOL_PARTS = 2
+MAX_TOKENS = 128
+"""Tokens per sequence (BOS + text + EOS): a 300-character English paragraph fits; rare
+non-ASCII-heavy ones (the encodings domain) are cut, and counted by the LM task."""
+
+BACKBONE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384}
+VOCAB = 1024
+PRETRAIN: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "warmup_steps": 20,
+    "max_steps": None,
+}
+"""Pretraining recipe (``max_steps`` cuts it short: tests use it)."""
+VERSION = 1
+"""Bump when the world's recipe changes, so cached worlds built by the old recipe are not used."""
+
+TRAIN_FLAGS = {
+    "rank": 8,
+    "targets": ("all-linear",),
+    "steps": 48,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 4,
+}
+"""Adaptation: 48 steps of 8 over 32 samples is 12 epochs, enough to overfit D_A."""
+
+ORACLE_FLAGS = {**TRAIN_FLAGS, "steps": 160}
+
+
+def record(domain: str, index: int, text: str) -> dict[str, str]:
+    """A JSONL record whose key (``id``) carries its domain."""
+    return {"id": f"{domain}-{index:05d}", "text": text}
+
+
+def split(corpus: list[Paragraph], seed: int) -> dict[str, list[dict[str, str]]]:
+    """Held-out, adaptation, oracle and pool records (see the module docstring)."""
+    rng = random.Random(seed)
+    by_domain: dict[str, list[dict[str, str]]] = {}
+    for p in corpus:
+        rows = by_domain.setdefault(p.domain, [])
+        rows.append(record(p.domain, len(rows), p.text))
+    target = list(by_domain.get(TARGET, []))
+    if len(target) < N_ADAPTATION + N_HELDOUT + N_ADAPTATION:
+        raise BatctlError(
+            f"the standard library has only {len(target)} {TARGET} docstring paragraphs; the "
+            f"LM demo needs {2 * N_ADAPTATION + N_HELDOUT}"
+        )
+    rng.shuffle(target)
+    heldout = target[:N_HELDOUT]
+    adaptation = target[N_HELDOUT : N_HELDOUT + N_ADAPTATION]
+    in_pool = target[N_HELDOUT + N_ADAPTATION :]
+    pool = [r for d, rows in by_domain.items() if d != TARGET for r in rows] + in_pool
+    rng.shuffle(pool)
+    return {
+        "heldout": heldout,
+        "adaptation": adaptation,
+        "oracle": adaptation + in_pool,
+        "pool": pool,
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    """One JSON object per line, UTF-8."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
+    """Build a tiny LLaMA with a tokenizer learned from ``texts`` and train it on them.
+
+    Next-token loss on BOS + text + EOS (truncated to MAX_TOKENS), AdamW, linear warmup then
+    cosine decay, PRETRAIN epochs in a seeded order. Saves the model over the random one in
+    ``model_dir``. Returns steps, first and last loss (nats/token) and seconds.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from batctl.tiny import _no_progress_bars, build_tiny_lm
+
+    started = time.monotonic()
+    sample = "\n".join(texts[:: max(1, len(texts) // 1500)])  # ~1500 paragraphs: merges in ~10 s
+    build_tiny_lm(
+        model_dir, seed=seed, vocab_size=VOCAB, max_position_embeddings=128, text=sample, **BACKBONE
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [ids[: MAX_TOKENS - 1] + [eos] for ids in tokenizer(texts).input_ids]
+
+    batch_size = PRETRAIN["batch_size"]
+    gen = torch.Generator().manual_seed(seed)
+    batches = [  # each epoch a fresh seeded permutation, cut into batches (the last one short)
+        chunk.tolist()
+        for _ in range(PRETRAIN["epochs"])
+        for chunk in torch.randperm(len(encoded), generator=gen).split(batch_size)
+    ]
+    if PRETRAIN["max_steps"] is not None:
+        batches = batches[: PRETRAIN["max_steps"]]
+    steps = len(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
+    warmup = PRETRAIN["warmup_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
+    )
+    model.train()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            rows = [encoded[i] for i in batches[step]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad)
+            labels = torch.full((len(rows), width), -100)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                labels[i, : len(r)] = ids[i, : len(r)]
+            loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if step % 50 == 0 or step == steps - 1:
+                log.info(
+                    "pretraining the demo LM: step %d/%d, loss %.3f", step + 1, steps, losses[-1]
+                )
+    model.eval()
+    with _no_progress_bars():
+        model.save_pretrained(model_dir, safe_serialization=True)
+    return {
+        "steps": steps,
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": round(time.monotonic() - started, 1),
+        "sequences": len(encoded),
+    }
+
+
+def build(work: Path, corpus: list[Paragraph], seed: int) -> World:
+    """Write the LM world into ``work`` (data files, pretrained backbone); return it."""
+    parts = split(corpus, seed)
+    data = work / "data"
+    data.mkdir()
+    pool_rows = parts["pool"]
+    size = math.ceil(len(pool_rows) / POOL_PARTS)
+    pool = tuple(
+        write_jsonl(data / f"pool-{i:03d}.jsonl", pool_rows[i * size : (i + 1) * size])
+        for i in range(POOL_PARTS)
+    )
+    stats = pretrain(work / "model", [r["text"] for r in pool_rows], seed)
+    return World(
+        family="lm",
+        root=work,
+        model=work / "model",
+        adaptation=write_jsonl(data / "adaptation.jsonl", parts["adaptation"]),
+        heldout=write_jsonl(data / "heldout.jsonl", parts["heldout"]),
+        oracle=write_jsonl(data / "oracle.jsonl", parts["oracle"]),
+        pool=pool,
+        target=TARGET,
+        pool_domains=dict(Counter(World.domain_of(r["id"]) for r in pool_rows)),
+        data_flags={"max_length": MAX_TOKENS},
+        train_flags=dict(TRAIN_FLAGS),
+        oracle_flags=dict(ORACLE_FLAGS),
+        pretraining=stats,
+    )
+
+
+def lm_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]:
+    """The LM demo world for ``seed``, from the cache or built now (about a minute and a half
+    on 2 cores). Returns the world and whether it was built now."""
+    from batctl import __version__
+    from batctl.tiny import _library_versions
+
+    corpus = read_corpus()
+    text_hash = hashlib.sha256("\n".join(f"{p.domain}\t{p.text}" for p in corpus).encode())
+    params = {
+        "family": "lm",
+        "recipe": VERSION,
+        "seed": seed,
+        "recipe_details": {
+            "target": TARGET,
+            "n": [N_ADAPTATION, N_HELDOUT, POOL_PARTS, MAX_TOKENS, VOCAB],
+            "backbone": BACKBONE,
+            "pretrain": PRETRAIN,
+            "train": TRAIN_FLAGS,
+            "oracle": ORACLE_FLAGS,
+        },
+        "corpus": text_hash.hexdigest(),
+        "batctl": __version__,
+        "libraries": _library_versions(),
+    }
+    return cached_world("lm", params, lambda work: build(work, corpus, seed), cache)

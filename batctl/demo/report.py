@@ -1,0 +1,254 @@
+"""The demo's results: one row per adapter, read back from the stage outputs, as a table,
+results.json and plots (held-out loss by γ, ||θ − θ*|| over steps, training loss, scores)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batctl.demo.world import World
+from batctl.selection import value_name
+
+
+def adapter_label(
+    strategy: str, gamma: float | None = None, preconditioner: str | None = None
+) -> str:
+    """The train directory name (and eval row label) of one adapter."""
+    if strategy == "none":
+        return "none"
+    if strategy == "random":
+        return f"random-g{gamma}"
+    return f"albat-{preconditioner}-g{gamma}"
+
+
+def selection_dir(out: Path, strategy: str, gamma: float, preconditioner: str | None) -> Path:
+    """Where the demo's select stage wrote the selection an adapter was trained with."""
+    parent = "select-random" if strategy == "random" else f"select-albat-{preconditioner}"
+    return out / parent / value_name("gamma", gamma)
+
+
+def target_share(selection: Path, world: World) -> tuple[int, float | None]:
+    """(selected count, share of them from the target domain; None when nothing was selected)."""
+    chosen = json.loads((selection / "selection.json").read_text())["chosen"]
+    if not chosen:
+        return 0, None
+    hits = sum(World.domain_of(c["key"]) == world.target for c in chosen)
+    return len(chosen), hits / len(chosen)
+
+
+def collect(
+    world: World, out: Path, gammas: Sequence[float], preconditioners: Sequence[str], seed: int
+) -> dict[str, Any]:
+    """Every adapter's held-out loss, weight difference to θ* (final and per step), training
+    loss curve and selection make-up, from the eval, train and select outputs under ``out``."""
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
+    plan: list[tuple[str, float | None, str | None]] = [("none", None, None)]
+    for g in gammas:
+        plan.append(("random", g, None))
+        plan += [("albat", g, p) for p in preconditioners]
+    rows = []
+    for strategy, gamma, preconditioner in plan:
+        label = adapter_label(strategy, gamma, preconditioner)
+        row = metrics[label]
+        count, share = 0, None
+        if strategy != "none":
+            count, share = target_share(selection_dir(out, strategy, gamma, preconditioner), world)
+        rows.append(
+            {
+                "adapter": label,
+                "strategy": strategy,
+                "preconditioner": preconditioner,
+                "gamma": gamma,
+                "selected": count,
+                "target_share": share,
+                "heldout_loss": row.get("heldout_loss"),
+                "weight_diff": row.get("weight_diff"),
+                "weight_diff_rel": row.get("weight_diff_rel"),
+                "weight_diff_curve": row.get("weight_diff_curve") or [],
+                "train_loss": training_curve(out / "train" / label),
+            }
+        )
+    return {
+        "family": world.family,
+        "target": world.target,
+        "base_rate": world.base_rate,
+        "pool": world.pool_domains,
+        "n_adaptation": count_lines(world.adaptation),
+        "seed": seed,
+        "world": str(world.root),
+        "backbone_heldout_loss": metrics.get("backbone", {}).get("heldout_loss"),
+        "oracle_heldout_loss": metrics.get("oracle", {}).get("heldout_loss"),
+        "rows": rows,
+        "scores": {p: str(out / f"scores-{p}") for p in preconditioners},
+    }
+
+
+def count_lines(path: Path) -> int | None:
+    """Samples in a JSONL file or files in an image folder (the adaptation set's n)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(
+            1 for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg")
+        )
+    if path.suffix == ".jsonl":
+        return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return None
+
+
+def training_curve(adapter: Path) -> list[tuple[int, float]]:
+    """(step, training loss) from an adapter's log.jsonl."""
+    log = adapter / "log.jsonl"
+    if not log.is_file():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record and "step" in record:
+            out.append((int(record["step"]), float(record["loss"])))
+    return out
+
+
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """A number for the table; "-" when absent or not finite."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return format(value, spec)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The markdown table the demo prints: one row per adapter."""
+    lines = [
+        f"BAT demo ({results['family']}): target domain {results['target']!r}, "
+        f"n = {results['n_adaptation']} adaptation samples, pool base rate "
+        f"{100 * results['base_rate']:.1f}% of {sum(results['pool'].values())}; seed {results['seed']}",
+        "",
+        "| adapter | γ | selected | target share | held-out loss | ‖θ−θ*‖/‖θ*‖ |",
+        "|---|---|---|---|---|---|",
+        f"| backbone (no adapter) | - | - | - | {fmt(results['backbone_heldout_loss'])} | - |",
+    ]
+    for row in results["rows"]:
+        share = row["target_share"]
+        lines.append(
+            f"| {row['adapter']} | {row['gamma'] if row['gamma'] is not None else 1.0} | "
+            f"{row['selected']} | {'-' if share is None else f'{100 * share:.0f}%'} | "
+            f"{fmt(row['heldout_loss'])} | {fmt(row['weight_diff_rel'], '.3f')} |"
+        )
+    lines.append(f"| oracle θ* | - | - | - | {fmt(results['oracle_heldout_loss'])} | 0 |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], report: Path) -> str:
+    """results.json, table.md and the plots into ``report``; returns the table."""
+    from batctl.metrics.report import write_json
+
+    report.mkdir(parents=True, exist_ok=True)
+    write_json(report / "results.json", results)
+    table = render_table(results)
+    (report / "table.md").write_text(table, encoding="utf-8")
+    plot_heldout_by_gamma(results, report / "heldout_loss.png")
+    plot_curves(results, "weight_diff_curve", report / "weight_diff.png")
+    plot_curves(results, "train_loss", report / "train_loss.png")
+    plot_scores(results, report / "scores.png")
+    return table
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _gammas(results: dict[str, Any]) -> list[float]:
+    return sorted({r["gamma"] for r in results["rows"] if r["gamma"] is not None})
+
+
+def plot_heldout_by_gamma(results: dict[str, Any], path: Path) -> None:
+    """Held-out loss of each strategy at each γ; plain adaptation and θ* as lines."""
+    plt = _pyplot()
+    gammas = _gammas(results)
+    strategies = [
+        r["adapter"].rsplit("-g", 1)[0] for r in results["rows"] if r["gamma"] == gammas[0]
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    width = 0.8 / max(1, len(strategies))
+    for j, name in enumerate(strategies):
+        values = [
+            next(r["heldout_loss"] for r in results["rows"] if r["adapter"] == f"{name}-g{g}")
+            for g in gammas
+        ]
+        ax.bar([i + j * width for i in range(len(gammas))], values, width, label=name)
+    none = next(r["heldout_loss"] for r in results["rows"] if r["strategy"] == "none")
+    ax.axhline(none, color="black", ls="--", lw=1, label="none (D_A only)")
+    if results.get("oracle_heldout_loss") is not None:
+        ax.axhline(results["oracle_heldout_loss"], color="green", ls=":", lw=1, label="oracle θ*")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gammas))], [f"γ = {g}" for g in gammas])
+    values = [r["heldout_loss"] for r in results["rows"] if r["heldout_loss"] is not None]
+    low, high = min(values + [none]), max(values + [none])
+    ax.set_ylim(low - 0.15 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
+    ax.set_ylabel("held-out loss (target domain)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, Any], key: str, path: Path) -> None:
+    """One panel per γ: ``key`` over training steps for none, random and albat (the paper's
+    Figures 3-5: relative weight difference to θ*, or the training loss)."""
+    plt = _pyplot()
+    gammas = _gammas(results)
+    fig, axes = plt.subplots(
+        1, len(gammas), figsize=(4.2 * len(gammas), 3.6), dpi=100, squeeze=False
+    )
+    none = next(r for r in results["rows"] if r["strategy"] == "none")
+    for ax, g in zip(axes[0], gammas, strict=True):
+        for row in [none] + [r for r in results["rows"] if r["gamma"] == g]:
+            points = row[key]
+            if key == "weight_diff_curve":
+                points = [
+                    (p["step"], p["weight_diff_rel"])
+                    for p in points
+                    if p.get("weight_diff_rel") is not None
+                ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=row["adapter"], lw=1.2)
+        ax.set_title(f"γ = {g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("‖θ − θ*‖ / ‖θ*‖" if key == "weight_diff_curve" else "training loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_scores(results: dict[str, Any], path: Path) -> None:
+    """Histogram of the pool's influence scores, target domain against the rest."""
+    import numpy as np
+
+    from batctl.scorestore import SCORED, ScoreStore
+
+    plt = _pyplot()
+    stores = results["scores"]
+    fig, axes = plt.subplots(1, len(stores), figsize=(5 * len(stores), 3.5), dpi=100, squeeze=False)
+    for ax, (name, store_path) in zip(axes[0], stores.items(), strict=True):
+        store = ScoreStore.open(Path(store_path))
+        ok = store.column("status") == SCORED
+        scores = np.asarray(store.column("score"))[ok]
+        keys = np.asarray(store.column("key"))[ok]
+        target = np.array([World.domain_of(str(k)) == results["target"] for k in keys])
+        bins = np.histogram_bin_edges(scores, bins=60)
+        ax.hist(scores[~target], bins=bins, alpha=0.6, label="other domains", log=True)
+        ax.hist(scores[target], bins=bins, alpha=0.8, label=results["target"], log=True)
+        ax.set_title(f"influence scores ({name})")
+        ax.set_xlabel("score")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
