@@ -110,8 +110,10 @@ def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from batctl.tasks.lm import quiet_libraries
     from batctl.tiny import _no_progress_bars, build_tiny_lm
 
+    quiet_libraries()
     started = time.monotonic()
     sample = "\n".join(texts[:: max(1, len(texts) // 1500)])  # ~1500 paragraphs: merges in ~10 s
     build_tiny_lm(
