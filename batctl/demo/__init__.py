@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batctl.demo.world import World, cache_dir
+from batctl.errors import UsageError
 
 __all__ = ["World", "build_world", "cache_dir"]
 
@@ -17,7 +18,14 @@ def build_world(family: str, seed: int = 0, cache: Path | None = None) -> tuple[
 
         return lm_world(seed, cache)
     if family == "diffusion":
-        from batctl.demo.digits import digits_world
-
+        try:
+            from batctl.demo.digits import digits_world
+        except ModuleNotFoundError as exc:
+            if exc.name != "batctl.demo.digits":
+                raise
+            raise UsageError(
+                "batctl demo --task diffusion: the diffusion demo world is not built yet "
+                "(see CHANGELOG); --task lm runs"
+            ) from None
         return digits_world(seed, cache)
     raise ValueError(f"unknown demo family {family!r}")
