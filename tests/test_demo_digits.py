@@ -1,0 +1,195 @@
+"""The diffusion demo world: scikit-learn's digits rendered, split and written as a pool tar and
+image folders, the tiny UNet's pretraining, and the cached world (with a 1-step pretraining)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batctl.demo import build_world
+from batctl.demo import digits as dd
+from batctl.demo.world import World
+
+
+def file_bytes(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` (``DIR/weights``: the safetensors files of DIR only)."""
+    if d.name == "weights":
+        return {p.name: p.read_bytes() for p in sorted(d.parent.glob("*.safetensors"))}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def folder_keys(path: Path) -> list[str]:
+    return sorted(p.stem for p in path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dd.DigitsData:
+    return dd.write_data(tmp_path_factory.mktemp("digits") / "data", seed=0)
+
+
+def test_rendering_is_white_on_black_png_at_the_world_resolution():
+    images, labels = dd.load_digits_arrays()
+    assert images.shape == (1797, 8, 8) and len(labels) == 1797
+    png = dd.render(images[0])
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.mode == "RGB"
+    assert image.size == (dd.RESOLUTION, dd.RESOLUTION)
+    pixels = np.asarray(image.convert("L"))
+    assert pixels[0, 0] == 0 and pixels.max() > 200  # black ground, white strokes
+    assert dd.render(images[0], 1, 1) != png  # a shift moves the digit
+    assert dd.caption(7) == "a handwritten digit seven"
+
+
+def test_split_is_disjoint_counts_add_up_and_keys_carry_the_domain(data):
+    adaptation, heldout = folder_keys(data.adaptation), folder_keys(data.heldout)
+    oracle = folder_keys(data.oracle)
+    pool = [d.key for d in data.pool_digits]
+    assert len(adaptation) == dd.N_ADAPTATION and len(heldout) == dd.N_HELDOUT
+    assert len(set(pool)) == len(pool)
+    assert not set(heldout) & (set(pool) | set(adaptation))
+    assert not set(adaptation) & set(pool)
+    target_in_pool = {k for k in pool if World.domain_of(k) == dd.TARGET}
+    assert set(oracle) == set(adaptation) | target_in_pool
+    assert all(World.domain_of(k) == dd.TARGET for k in adaptation + heldout)
+    assert len(pool) + dd.N_ADAPTATION + dd.N_HELDOUT == 1797
+    labels = Counter(int(t) for t in dd.load_digits_arrays()[1])
+    expected = {name: labels[i] for i, name in enumerate(dd.NAMES)}
+    expected[dd.TARGET] -= dd.N_ADAPTATION + dd.N_HELDOUT
+    assert data.pool_domains == expected
+    assert all(d.domain == World.domain_of(d.key) == dd.NAMES[d.label] for d in data.pool_digits)
+    assert [d.key for d in data.pool_digits] != sorted(pool)  # shuffled
+
+
+def test_the_pool_tars_read_with_webdataset_and_with_batctl(data):
+    import webdataset as wds
+
+    from batctl.data import open_pool
+
+    assert len(data.pool) == dd.POOL_PARTS
+    seen = []
+    for part in data.pool:
+        for sample in wds.WebDataset(str(part), shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["json"])
+            caption = sample["txt"].decode()
+            assert caption == meta["caption"] == dd.caption(meta["label"])
+            assert World.domain_of(sample["__key__"]) == meta["digit"] == dd.NAMES[meta["label"]]
+            assert Image.open(io.BytesIO(sample["png"])).size == (dd.RESOLUTION, dd.RESOLUTION)
+            seen.append(sample["__key__"])
+    assert seen == [d.key for d in data.pool_digits]
+
+    pool = open_pool([str(p) for p in data.pool], strict=True)
+    samples = list(pool)
+    assert [s.key for s in samples] == seen
+    first = samples[0]
+    assert first.record["caption"] == data.pool_digits[0].caption
+    assert first.record["image"].size == (dd.RESOLUTION, dd.RESOLUTION)
+    assert first.raw["png"] == data.pool_digits[0].png
+    assert pool.read(first.part, first.offset).key == first.key
+
+
+def test_the_image_folders_read_without_captions(data):
+    from batctl.samples import load_samples
+
+    adaptation = load_samples(str(data.adaptation), flag="--data")
+    assert sorted(s.key for s in adaptation) == folder_keys(data.adaptation)
+    assert all(s.record["image"].size == (dd.RESOLUTION, dd.RESOLUTION) for s in adaptation)
+    assert len(load_samples(str(data.oracle), flag="--data")) == len(folder_keys(data.oracle))
+
+
+def test_the_same_seed_writes_the_same_bytes_and_another_seed_another_split(data, tmp_path):
+    again = dd.write_data(tmp_path / "again", seed=0)
+    assert file_bytes(again.adaptation.parent) == file_bytes(data.adaptation.parent)
+    other = dd.split(dd.render_all(1), seed=1)
+    assert {d.key for d in other["adaptation"]} != set(folder_keys(data.adaptation))
+
+
+def test_base_rate_is_the_target_share_of_the_pool(data, tmp_path):
+    world = World(
+        family="diffusion",
+        root=tmp_path,
+        model=tmp_path,
+        adaptation=tmp_path,
+        heldout=tmp_path,
+        oracle=tmp_path,
+        pool=(),
+        target=dd.TARGET,
+        pool_domains=data.pool_domains,
+    )
+    n_target = sum(World.domain_of(d.key) == dd.TARGET for d in data.pool_digits)
+    assert world.base_rate == pytest.approx(n_target / len(data.pool_digits))
+    assert 0.05 < world.base_rate < 0.1
+
+
+def test_pretraining_trains_the_unet_only_and_the_pipeline_still_loads(data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from batctl.tiny import build_tiny_diffusion
+
+    model = build_tiny_diffusion(tmp_path / "model", seed=0, resolution=dd.RESOLUTION)
+    unet_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = load_file(unet_file)
+    frozen = file_bytes(model / "text_encoder"), file_bytes(model / "vae" / "weights")
+    pool = data.pool_digits[:16]
+    stats = dd.pretrain(
+        model, [d.png for d in pool], [d.caption for d in pool], seed=0, steps=3, batch_size=8
+    )
+    assert stats["steps"] == 3 and stats["images"] == 16
+    assert all(math.isfinite(stats[k]) and stats[k] > 0 for k in ("first_loss", "last_loss"))
+    after = load_file(unet_file)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    assert (file_bytes(model / "text_encoder"), file_bytes(model / "vae" / "weights")) == frozen
+    # the VAE's scaling factor is calibrated to the images' latents
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == stats["scaling_factor"] != 0.18215
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.scaling_factor == stats["scaling_factor"]
+    image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, dd.RESOLUTION, dd.RESOLUTION, 3)
+
+
+def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path, monkeypatch):
+    from batctl.cli import STAGES
+    from batctl.tasks import load_task
+
+    real = dd.pretrain
+    monkeypatch.setattr(dd, "pretrain", lambda *a, **kw: real(*a, **{**kw, "steps": 1}))
+    world, built = build_world("diffusion", seed=0, cache=tmp_path)
+    assert built and world.family == "diffusion" and world.target == dd.TARGET
+    assert world.pretraining["steps"] == 1
+    again, built = dd.digits_world(seed=0, cache=tmp_path)
+    assert not built and again == world
+    for path in (world.model, world.adaptation, world.heldout, world.oracle, *world.pool):
+        assert path.exists() and path.is_relative_to(world.root)
+    for part in ("unet", "vae"):  # no trace of the temporary build directory
+        assert "_name_or_path" not in json.loads((world.model / part / "config.json").read_text())
+
+    # the demo stage hands data_flags to every stage and train_flags to surrogate and train
+    for stage in ("surrogate", "score", "train", "eval"):
+        config = STAGES[stage][0](model=str(world.model), **world.data_flags)
+        assert config.problems() == []
+    for stage in ("surrogate", "train"):
+        for flags in (world.train_flags, world.oracle_flags):
+            config = STAGES[stage][0](model=str(world.model), **world.data_flags, **flags)
+            assert config.problems() == []
+
+    # batctl's diffusion task reads the world: adaptation images with the instance prompt
+    from batctl.samples import load_samples
+
+    config = STAGES["score"][0](model=str(world.model), **world.data_flags)
+    task = load_task(config.task_settings(), "diffusion")
+    samples = list(load_samples(str(world.adaptation), flag="--data"))[:2]
+    with torch.no_grad():
+        loss = task.per_sample_loss(task.collate(samples, "adaptation"))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
