@@ -113,14 +113,19 @@ def micro_batches(
                 pending = []
 
 
+def warmup_cosine(step: int, warmup_steps: int, total: int) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total` (step 0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_factor(step: int, settings: LoopSettings, total: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    if settings.schedule == "constant":
+    if settings.schedule == "constant" and step >= settings.warmup_steps:
         return 1.0
-    progress = (step - settings.warmup_steps) / max(1, total - settings.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, settings.warmup_steps, total)
 
 
 def batch_loss(task: Task, batch: Sequence[Example], backbone_weight: float) -> torch.Tensor:

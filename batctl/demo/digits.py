@@ -275,6 +275,7 @@ def pretrain(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from batctl.tasks.diffusion import quiet_diffusion_libraries
+    from batctl.training import warmup_cosine
 
     started = time.monotonic()
     quiet_diffusion_libraries()
@@ -317,12 +318,7 @@ def pretrain(
     order = torch.cat([torch.randperm(len(images), generator=gen) for _ in range(epochs)])
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup_steps
-            if s < warmup_steps
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))
-        ),
+        optimizer, lambda s: warmup_cosine(s, warmup_steps, steps)
     )
     unet.train()
     losses = []

@@ -24,6 +24,7 @@ import torch
 from batctl.demo.stdlib import Paragraph, read_corpus
 from batctl.demo.world import World, cached_world
 from batctl.errors import BatctlError
+from batctl.training import warmup_cosine
 
 log = logging.getLogger("batctl.demo")
 
@@ -137,12 +138,7 @@ def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     warmup = PRETRAIN["warmup_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
+        optimizer, lambda s: warmup_cosine(s, warmup, steps)
     )
     model.train()
     losses = []
