@@ -47,6 +47,9 @@ class ScoreConfig(DataOptions):
     shard: str | None = operational(None)
     """Score only shard i of N (by part), e.g. 3/8; default from torchrun's RANK/WORLD_SIZE, else all."""
 
+    normalize: bool = False
+    """Divide each score by the pool sample's gradient norm ||∇L(x)|| (LESS's cosine): stops high-loss samples with large gradients filling the top; hooks engine only."""
+
     layer_scores: bool = False
     """Also store each layer's contribution (layer_score f32[N, L])."""
 
@@ -66,6 +69,8 @@ class ScoreConfig(DataOptions):
             out.append(f"--shard: {exc}")
         if self.layer_scores and self.engine == "fd":
             out.append("--layer-scores needs --engine hooks (fd only measures the total)")
+        if self.normalize and self.engine == "fd":
+            out.append("--normalize needs --engine hooks (fd never sees a per-sample gradient)")
         return out
 
     def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
@@ -214,6 +219,7 @@ def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict
         "preconditioner_flag": config.preconditioner,
         "damping": str(config.damping),
         "engine": config.engine,
+        "normalize": str(config.normalize),
         "target": "adaptation set" if config.target is None else str(config.target),
         **task.loss_settings(),
     }
@@ -236,7 +242,10 @@ def engine_for(config: ScoreConfig, task: Any, target: Any, metadata: dict[str, 
     """The configured engine, with the fd step recorded in target.safetensors."""
     from batctl.influence.engines import make_engine
 
-    options = {"eps": float(metadata["fd_eps"])} if config.engine == "fd" else {}
+    if config.engine == "fd":
+        options: dict[str, Any] = {"eps": float(metadata["fd_eps"])}
+    else:
+        options = {"normalize": config.normalize}
     return make_engine(config.engine, task, target, **options)
 
 

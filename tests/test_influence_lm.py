@@ -151,6 +151,22 @@ def test_hooks_scores_equal_brute_force(surrogate):
         assert max_rel(other.scores, expected) < 1e-6
 
 
+def test_normalized_scores_are_scores_over_brute_force_gradient_norms(surrogate):
+    kind, task, _, pool, exact = surrogate
+    _, _, target, expected, expected_layers = exact
+    grads = brute_force_grads(task, pool, 8, "pool")
+    norms = torch.stack([g.square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    got = HooksEngine(task, target, normalize=True).score(
+        task.collate(pool, "pool"), layer_scores=True
+    )
+    assert max_rel(got.scores, expected / norms) < 1e-6
+    assert max_rel(got.layer_scores, expected_layers / norms[:, None]) < 1e-6
+    if kind == "dora":  # magnitudes' gradients come from the kept graph, not the hooks
+        assert any("lora_magnitude_vector" in name for name in grads)
+    # the ranking changes: otherwise the test could not tell normalising from not
+    assert torch.argsort(got.scores).tolist() != torch.argsort(expected).tolist()
+
+
 def test_fd_scores_in_float32_rank_like_the_exact_ones(surrogate):
     kind, task, adaptation, pool, exact = surrogate
     _, _, target, expected, _ = exact

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from batctl.scorestore import SCORED, UNREADABLE, ScoreStore
@@ -261,3 +262,32 @@ def test_a_shard_that_finds_the_store_published_exits_cleanly(cli, setup, tmp_pa
     assert cli(*score_args(setup, out, "--shard", "1/2")).exit_code == 0  # publishes
     result = cli(*score_args(setup, out, "--shard", "0/2"))
     assert result.exit_code == 0 and "up to date" in result.stderr
+
+
+def test_normalize_divides_each_score_by_the_sample_gradient_norm(cli, setup, tmp_path):
+    plain, normed = tmp_path / "plain", tmp_path / "normed"
+    assert cli(*score_args(setup, plain)).exit_code == 0
+    result = cli(*score_args(setup, normed, "--normalize"))
+    assert result.exit_code == 0, result.stderr
+    a, b = read_store(plain), read_store(normed)
+    good = a["status"] == SCORED
+    assert (b["status"] == a["status"]).all()
+    # The norms, from the per-sample gradient code (a separate path from the engine's hooks).
+    from batctl.influence.grads import per_sample_grads
+    from batctl.samples import load_samples
+    from batctl.tasks.base import TaskSettings
+    from batctl.tasks.lm import LMTask
+
+    task = LMTask(TaskSettings(str(setup["lm"])))
+    task.load_adapter(setup["sur"], trainable=True)
+    samples = load_samples(setup["pool"], flag="--pool")
+    grads = per_sample_grads(task, samples, batch_size=4, role="pool", verify=False)
+    norms = torch.stack([g.square().sum(1) for g in grads.grads.values()]).sum(0).sqrt().numpy()
+    assert [s.key for s in samples] == list(a["key"][good])
+    np.testing.assert_allclose(b["score"][good], a["score"][good] / norms, rtol=2e-3, atol=1e-6)
+    from safetensors import safe_open
+
+    with safe_open(normed / "target.safetensors", "pt") as f:
+        assert f.metadata()["normalize"] == "True"
+    refused = cli(*score_args(setup, tmp_path / "fd", "--normalize", "--engine", "fd"))
+    assert refused.exit_code == 2 and "--normalize needs --engine hooks" in refused.stderr

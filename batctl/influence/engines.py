@@ -14,6 +14,10 @@ define it, is −s(x).
     Both run with the math attention kernel (fused SDPA kernels support neither).
     Per-layer scores [B, L]: free for hooked layers; each generic layer then costs its own
     forward-mode pass.
+    With ``normalize``, each sample's scores are divided by its gradient norm ||∇L(x)|| (all
+    adapter layers): the cosine-style score LESS uses. The norm needs the per-sample gradient
+    of each layer, formed one layer at a time in the hook (B × D_l, small for adapters) and
+    dropped at once; generic layers take theirs from the same graph (``grads.generic_grads``).
 ``FDEngine`` (approximate, cheap)
     The central difference (L(θ + εr) − L(θ − εr)) / 2ε: two forward passes under no_grad with
     the adapter moved in place (and restored bit-exactly from a copy). No per-layer scores.
@@ -44,7 +48,8 @@ from torch import nn
 
 from batctl.data import Sample
 from batctl.influence.capture import Capture, eval_mode, math_attention
-from batctl.influence.kernels import weight_and_bias_scores
+from batctl.influence.grads import generic_grads
+from batctl.influence.kernels import weight_and_bias_grads, weight_and_bias_scores
 from batctl.influence.layers import (
     HookedModule,
     InfluenceError,
@@ -140,7 +145,8 @@ class HooksEngine:
     ``HooksEngine(task, target)`` once, then ``score(batch)`` per pool batch
     (``batch = task.collate(samples, "pool")``). ``generic`` chooses the exact method for
     generic layers: ``"jvp"`` (forward mode), ``"double_backward"``, or ``"auto"`` (jvp, and
-    double backward if forward mode is not implemented for some op).
+    double backward if forward mode is not implemented for some op). ``normalize`` divides
+    each sample's scores by its gradient norm (see the module docstring).
     """
 
     name = "hooks"
@@ -151,10 +157,12 @@ class HooksEngine:
         target: Target,
         layerset: LayerSet | None = None,
         generic: str = "auto",
+        normalize: bool = False,
     ) -> None:
         if generic not in ("auto", "jvp", "double_backward"):
             raise ValueError(f"generic must be auto, jvp or double_backward, not {generic!r}")
         self.task = task
+        self.normalize = normalize
         self.layerset = _bind(task, target, layerset)
         self.generic_method = generic
         self.r = {
@@ -175,6 +183,7 @@ class HooksEngine:
         """Scores of one collated pool batch; per-layer scores [B, L] when ``layer_scores``."""
         layerset = self.layerset
         columns: dict[int, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}  # per-sample gradients, only for --normalize
         samples = 0
 
         def on_grad(entry: HookedModule, a: torch.Tensor, delta: torch.Tensor) -> None:
@@ -184,7 +193,14 @@ class HooksEngine:
             for layer, s in ((entry.weight, sw), (entry.bias, sb)):
                 if layer is not None and s is not None:
                     columns[layer.index] = columns[layer.index] + s if layer.index in columns else s
+            if self.normalize:
+                gw, gb = weight_and_bias_grads(entry, a, delta, samples, torch.float64)
+                for layer, g in ((entry.weight, gw), (entry.bias, gb)):
+                    if layer is not None and g is not None:
+                        # Summed before squaring: a module called twice adds its contributions.
+                        grads[layer.name] = grads[layer.name] + g if layer.name in grads else g
 
+        keep_graph = self.normalize and bool(layerset.generic)
         with eval_mode(self.task.model), torch.enable_grad(), Capture(layerset, on_grad) as cap:
             cap.recording = True
             losses = self.task.per_sample_loss(batch)
@@ -193,7 +209,18 @@ class HooksEngine:
             finite = torch.isfinite(losses.detach())
             # A non-finite loss must not turn the sum (and every δ) into NaN: mask it out; its
             # own rows may still go NaN in the backward, but no other sample's do.
-            cap.backward(torch.where(finite, losses, torch.zeros_like(losses)).sum())
+            masked = torch.where(finite, losses, torch.zeros_like(losses))
+            cap.backward(masked.sum(), retain_graph=keep_graph)
+            if keep_graph:
+                cap.active = False
+                grads.update(generic_grads(masked, layerset.generic))
+        norms = None
+        if self.normalize:
+            norms = torch.zeros(samples, dtype=torch.float64, device=losses.device)
+            for g in grads.values():
+                norms += g.to(torch.float64).square().sum(1)
+            norms = norms.sqrt()
+            grads.clear()
         generic = self._generic_columns(batch, per_layer=layer_scores) if layerset.generic else {}
         summed_generic = generic.pop(-1, None)
         columns.update(generic)
@@ -205,6 +232,10 @@ class HooksEngine:
         total = per_layer.sum(1)
         if summed_generic is not None:
             total = total + summed_generic.to(device, torch.float64)
+        if norms is not None:
+            # A zero gradient (nothing to learn from x) scores 0, not NaN.
+            scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            total, per_layer = total * scale, per_layer * scale[:, None]
         bad = ~finite | ~torch.isfinite(total)
         total = total.masked_fill(bad, math.nan).cpu()
         out_layers = per_layer.masked_fill(bad[:, None], math.nan).cpu() if layer_scores else None

@@ -114,10 +114,10 @@ def batch_grads(
         cap.backward(losses.sum(), retain_graph=need_graph)
         cap.active = False
         grads: dict[str, torch.Tensor] = {}
-        generic_grads = _generic_grads(losses, generic) if generic else {}
+        of_generic = generic_grads(losses, generic) if generic else {}
         for layer in layerset.layers:
             if layer.kind == "generic":
-                grads[layer.name] = generic_grads[layer.name].to(dtype)
+                grads[layer.name] = of_generic[layer.name].to(dtype)
             elif layer.name in hooked:
                 grads[layer.name] = hooked[layer.name]
             else:  # the module's output never reached the loss: a zero gradient, honestly
@@ -127,7 +127,7 @@ def batch_grads(
     return BatchGrads(losses.detach().double(), grads)
 
 
-def _generic_grads(losses: torch.Tensor, layers: list[Layer]) -> dict[str, torch.Tensor]:
+def generic_grads(losses: torch.Tensor, layers: list[Layer]) -> dict[str, torch.Tensor]:
     """Per-sample gradients of generic layers from the graph of ``losses``: {layer: [B, D_l]}.
 
     The graph is kept (the caller may verify afterwards; it goes when ``losses`` does).
