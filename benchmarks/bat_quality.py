@@ -91,8 +91,12 @@ def goals(runs: dict[int, dict[str, Any]], albat: str = "albat-woodbury") -> dic
 
 def table(family: str, runs: dict[int, dict[str, Any]]) -> str:
     """Markdown: one row per strategy and γ, one column per seed, the mean and the share."""
+    from batctl.demo.report import loss_format
+
     seeds = sorted(runs)
     first = runs[seeds[0]]
+    # Decimals enough for every seed's losses (the diffusion demo's differ in the 5th place).
+    spec = max((loss_format(runs[s]) for s in seeds), key=lambda f: int(f[1:-1]))
     lines = [
         f"### {family}: target {first['target']!r}, n = {first['n_adaptation']}, "
         f"pool base rate {100 * first['base_rate']:.1f}%",
@@ -104,8 +108,8 @@ def table(family: str, runs: dict[int, dict[str, Any]]) -> str:
     ]
     lines.append(
         "| backbone | - | "
-        + " | ".join(f"{runs[s]['backbone_heldout_loss']:.4f}" for s in seeds)
-        + f" | {mean(runs[s]['backbone_heldout_loss'] for s in seeds):.4f} | - |"
+        + " | ".join(f"{runs[s]['backbone_heldout_loss']:{spec}}" for s in seeds)
+        + f" | {mean(runs[s]['backbone_heldout_loss'] for s in seeds):{spec}} | - |"
     )
     for strategy in strategies(first):
         for g in [None] if strategy == "none" else GAMMAS:
@@ -115,13 +119,13 @@ def table(family: str, runs: dict[int, dict[str, Any]]) -> str:
             share = f"{100 * mean(shares):.0f}%" if shares else "-"
             lines.append(
                 f"| {strategy} | {g if g is not None else 1.0} | "
-                + " | ".join(f"{x:.4f}" for x in losses)
-                + f" | {mean(losses):.4f} | {share} |"
+                + " | ".join(f"{x:{spec}}" for x in losses)
+                + f" | {mean(losses):{spec}} | {share} |"
             )
     lines.append(
         "| oracle θ* | - | "
-        + " | ".join(f"{runs[s]['oracle_heldout_loss']:.4f}" for s in seeds)
-        + f" | {mean(runs[s]['oracle_heldout_loss'] for s in seeds):.4f} | - |"
+        + " | ".join(f"{runs[s]['oracle_heldout_loss']:{spec}}" for s in seeds)
+        + f" | {mean(runs[s]['oracle_heldout_loss'] for s in seeds):{spec}} | - |"
     )
     return "\n".join(lines) + "\n"
 

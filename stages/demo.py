@@ -78,12 +78,13 @@ def run(config: DemoConfig) -> dict[str, Any]:
         sum(world.pool_domains.values()),
     )
     common = {"model": str(world.model), "force": config.force, **world.data_flags}
-    training = {**common, "data": str(world.adaptation), "seed": config.seed, **world.train_flags}
+    on_adaptation = {**common, "data": str(world.adaptation), "seed": config.seed}
+    training = {**on_adaptation, **world.train_flags}
     save_every = max(1, int(world.train_flags.get("steps", 8)) // 8)
 
     # surrogate, score, select
     surrogate = out / "surrogate"
-    run_stage("surrogate", out=surrogate, **training)
+    run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
     scores = {}
     for name in config.preconditioner:
         scores[name] = out / f"scores-{name}"
@@ -95,6 +96,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
             pool=tuple(str(p) for p in world.pool),
             preconditioner=name,
             **common,
+            **world.score_flags,
         )
         run_stage(
             "select",

@@ -175,14 +175,19 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     for part in ("unet", "vae"):  # no trace of the temporary build directory
         assert "_name_or_path" not in json.loads((world.model / part / "config.json").read_text())
 
-    # the demo stage hands data_flags to every stage and train_flags to surrogate and train
+    # the demo stage hands data_flags to every stage and its recipe's flags to their stages
     for stage in ("surrogate", "score", "train", "eval"):
         config = STAGES[stage][0](model=str(world.model), **world.data_flags)
         assert config.problems() == []
-    for stage in ("surrogate", "train"):
-        for flags in (world.train_flags, world.oracle_flags):
-            config = STAGES[stage][0](model=str(world.model), **world.data_flags, **flags)
-            assert config.problems() == []
+    for stage, flags in (
+        ("surrogate", world.surrogate_flags),
+        ("train", world.train_flags),
+        ("train", world.oracle_flags),
+        ("score", world.score_flags),
+    ):
+        assert flags, stage
+        config = STAGES[stage][0](model=str(world.model), **world.data_flags, **flags)
+        assert config.problems() == []
 
     # batctl's diffusion task reads the world: adaptation images with the instance prompt
     from batctl.samples import load_samples
@@ -193,3 +198,58 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     with torch.no_grad():
         loss = task.per_sample_loss(task.collate(samples, "adaptation"))
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_the_table_shows_enough_decimals_to_tell_diffusion_losses_apart(tmp_path, monkeypatch):
+    from batctl.demo.report import plot_heldout_by_gamma, render_table
+
+    def row(adapter, strategy, gamma, loss):
+        return {
+            "adapter": adapter,
+            "strategy": strategy,
+            "gamma": gamma,
+            "selected": 0 if gamma is None else 3,
+            "target_share": None if gamma is None else 0.5,
+            "heldout_loss": loss,
+            "weight_diff_rel": 0.5,
+        }
+
+    results = {
+        "family": "diffusion",
+        "target": "seven",
+        "n_adaptation": 8,
+        "base_rate": 0.075,
+        "pool": {"seven": 1, "other": 12},
+        "seed": 0,
+        "backbone_heldout_loss": 0.112701,
+        "oracle_heldout_loss": 0.1105,
+        "rows": [
+            row("none", "none", None, 0.112666),
+            row("random-g0.5", "random", 0.5, 0.112895),
+            row("albat-woodbury-g0.5", "albat", 0.5, 0.112652),
+        ],
+    }
+    table = render_table(results)
+    # 0.112666 and 0.112652 differ in the 5th decimal: both must show it
+    assert "0.112666" in table and "0.112652" in table and "0.1105" in table
+    lm = {**results, "backbone_heldout_loss": 4.5075, "oracle_heldout_loss": 4.3811}
+    lm["rows"] = [row("none", "none", None, 4.52391), row("random-g0.5", "random", 0.5, 4.51903)]
+    assert "| 4.5239 |" in render_table(lm)
+    # the held-out plot's y range takes in the oracle's line, far below the adapters
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limits = []
+    real = plt.Axes.set_ylim
+
+    def spy(self, *args, **kwargs):
+        if len(args) == 2:  # the plot's own call (matplotlib calls it with keywords)
+            limits.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "set_ylim", spy)
+    plot_heldout_by_gamma(results, tmp_path / "h.png")
+    (low, high) = limits[-1]
+    assert low < 0.1105 < 0.112895 < high

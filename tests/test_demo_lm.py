@@ -107,8 +107,10 @@ def quick_recipe(monkeypatch):
     small = [p for i, p in enumerate(corpus) if p.domain == demo_lm.TARGET or i % 8 == 0]
     monkeypatch.setattr(demo_lm, "read_corpus", lambda: small)
     monkeypatch.setitem(demo_lm.PRETRAIN, "max_steps", 6)
-    monkeypatch.setattr(demo_lm, "TRAIN_FLAGS", {**demo_lm.TRAIN_FLAGS, "steps": 4})
-    monkeypatch.setattr(demo_lm, "ORACLE_FLAGS", {**demo_lm.TRAIN_FLAGS, "steps": 8})
+    train = {**demo_lm.TRAIN_FLAGS, "steps": 4}
+    monkeypatch.setitem(demo_lm.RECIPE, "train_flags", train)
+    monkeypatch.setitem(demo_lm.RECIPE, "oracle_flags", {**train, "steps": 8})
+    monkeypatch.setitem(demo_lm.RECIPE, "surrogate_flags", {**train, "steps": 2, "warmup_steps": 1})
 
 
 def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, quick_recipe):
@@ -155,6 +157,12 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
     assert rows["albat-woodbury-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
     share = sum(World.domain_of(k) == "email" for k in keys) / len(keys)
     assert rows["albat-woodbury-g0.5"]["target_share"] == pytest.approx(share)
+
+    # the recipe reached the stages: the surrogate's own steps, score's normalisation
+    surrogate_log = (out / "surrogate" / "log.jsonl").read_text().splitlines()
+    assert max(json.loads(line)["step"] for line in surrogate_log) == 2
+    score_params = json.loads((out / "scores-woodbury" / "manifest.json").read_text())["params"]
+    assert score_params["normalize"] is True
 
     again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")  # warm: all up to date
     assert again.exit_code == 0, again.stderr

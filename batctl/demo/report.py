@@ -118,8 +118,22 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
+def loss_format(results: dict[str, Any]) -> str:
+    """Enough decimals to tell the losses apart: the diffusion demo's differ in the 5th place."""
+    values = [r["heldout_loss"] for r in results["rows"] if r["heldout_loss"] is not None]
+    values += [results.get("backbone_heldout_loss"), results.get("oracle_heldout_loss")]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    scale = max(values, key=abs) if values else 1.0
+    spread = max(values) - min(values) if len(values) > 1 else 0.0
+    # Four digits below the spread's leading digit, or four significant ones when all agree.
+    digits = 4 - math.floor(math.log10(spread)) - 1 if spread > 0 else 4
+    digits = max(digits, 4 - math.floor(math.log10(abs(scale))) - 1 if scale else 4)
+    return f".{min(max(digits, 2), 8)}f"
+
+
 def render_table(results: dict[str, Any]) -> str:
     """The markdown table the demo prints: one row per adapter."""
+    spec = loss_format(results)
     lines = [
         f"BAT demo ({results['family']}): target domain {results['target']!r}, "
         f"n = {results['n_adaptation']} adaptation samples, pool base rate "
@@ -127,16 +141,16 @@ def render_table(results: dict[str, Any]) -> str:
         "",
         "| adapter | γ | selected | target share | held-out loss | ‖θ−θ*‖/‖θ*‖ |",
         "|---|---|---|---|---|---|",
-        f"| backbone (no adapter) | - | - | - | {fmt(results['backbone_heldout_loss'])} | - |",
+        f"| backbone (no adapter) | - | - | - | {fmt(results['backbone_heldout_loss'], spec)} | - |",
     ]
     for row in results["rows"]:
         share = row["target_share"]
         lines.append(
             f"| {row['adapter']} | {row['gamma'] if row['gamma'] is not None else 1.0} | "
             f"{row['selected']} | {'-' if share is None else f'{100 * share:.0f}%'} | "
-            f"{fmt(row['heldout_loss'])} | {fmt(row['weight_diff_rel'], '.3f')} |"
+            f"{fmt(row['heldout_loss'], spec)} | {fmt(row['weight_diff_rel'], '.3f')} |"
         )
-    lines.append(f"| oracle θ* | - | - | - | {fmt(results['oracle_heldout_loss'])} | 0 |")
+    lines.append(f"| oracle θ* | - | - | - | {fmt(results['oracle_heldout_loss'], spec)} | 0 |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +203,8 @@ def plot_heldout_by_gamma(results: dict[str, Any], path: Path) -> None:
         ax.axhline(results["oracle_heldout_loss"], color="green", ls=":", lw=1, label="oracle θ*")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gammas))], [f"γ = {g}" for g in gammas])
     values = [r["heldout_loss"] for r in results["rows"] if r["heldout_loss"] is not None]
-    low, high = min(values + [none]), max(values + [none])
+    values += [v for v in (none, results.get("oracle_heldout_loss")) if v is not None]
+    low, high = min(values), max(values)
     ax.set_ylim(low - 0.15 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
     ax.set_ylabel("held-out loss (target domain)")
     ax.legend(fontsize=8)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,31 @@ class World:
     """Pool samples per domain (the base rate of the target domain is one of them)."""
 
     data_flags: dict[str, Any] = field(default_factory=dict)
-    """DataOptions every stage gets (max_length; instance_prompt, resolution, loss_draws)."""
+    """DataOptions every stage gets (max_length; instance_prompt, resolution)."""
 
     train_flags: dict[str, Any] = field(default_factory=dict)
-    """TrainingOptions of surrogate and train (adapter, rank, targets, steps, lr, ...)."""
+    """TrainingOptions of train (adapter, rank, targets, steps, lr, ...)."""
 
     oracle_flags: dict[str, Any] = field(default_factory=dict)
     """TrainingOptions of the oracle adapter (more steps over the oracle set)."""
 
+    surrogate_flags: dict[str, Any] = field(default_factory=dict)
+    """TrainingOptions of the surrogate: cheaper than train's, so its target gradient on D_A
+    still points at the domain (a surrogate fitted to D_A leaves v ≈ noise)."""
+
+    score_flags: dict[str, Any] = field(default_factory=dict)
+    """Extra score options (normalize, loss_draws, ...)."""
+
     pretraining: dict[str, Any] = field(default_factory=dict)
     """How the backbone was pretrained (steps, final loss, seconds)."""
+
+    def with_recipe(self, recipe: Mapping[str, dict[str, Any]]) -> World:
+        """This world with the stage flags of ``recipe`` (keys: the ``*_flags`` field names).
+
+        The recipe is code, not part of the cached world: tuning a flag reruns the stages, it
+        does not rebuild (re-pretrain) the world.
+        """
+        return replace(self, **{name: dict(flags) for name, flags in recipe.items()})
 
     @staticmethod
     def domain_of(key: str) -> str:
