@@ -434,6 +434,10 @@ def score_chunk(
     )
     decoded = [(i, pool.decoded(r)) for i, r in enumerate(rows) if type(r) is not BadSample]
     good = [(i, s) for i, s in decoded if type(s) is not BadSample]
+    # Samples of a similar size share a batch, so LM batches pad to less. No engine mixes rows,
+    # so a score does not depend on its batch (up to float rounding), and the order is fixed
+    # by the chunk's contents: a resumed run or another shard batches exactly the same way.
+    good.sort(key=lambda item: task.size_hint(item[1]))
     for start in range(0, len(good), config.batch_size):
         batch = good[start : start + config.batch_size]
         for index, result in score_batch(

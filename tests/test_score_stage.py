@@ -291,3 +291,25 @@ def test_normalize_divides_each_score_by_the_sample_gradient_norm(cli, setup, tm
         assert f.metadata()["normalize"] == "True"
     refused = cli(*score_args(setup, tmp_path / "fd", "--normalize", "--engine", "fd"))
     assert refused.exit_code == 2 and "--normalize needs --engine hooks" in refused.stderr
+
+
+def test_samples_batched_by_size_keep_their_own_scores(cli, setup, tmp_path):
+    from batctl.influence.engines import HooksEngine
+    from batctl.influence.target import load_target
+    from batctl.samples import load_samples
+    from batctl.tasks.base import TaskSettings
+    from batctl.tasks.lm import LMTask
+
+    out = tmp_path / "s"
+    assert cli(*score_args(setup, out)).exit_code == 0
+    store = read_store(out)
+    good = store["status"] == SCORED
+    task = LMTask(TaskSettings(str(setup["lm"])))
+    task.load_adapter(setup["sur"], trainable=True)
+    samples = load_samples(setup["pool"], flag="--pool")
+    sizes = [task.size_hint(s) for s in samples]
+    assert sizes == [len(task.encode(s)[0]) for s in samples] and len(set(sizes)) > 3
+    # the store batches each chunk by size; one sample at a time there is no batch at all
+    engine = HooksEngine(task, load_target(out / "target.safetensors")[0])
+    alone = [float(engine.score(task.collate([s], "pool")).scores[0]) for s in samples]
+    np.testing.assert_allclose(store["score"][good], alone, rtol=1e-4, atol=1e-6)

@@ -124,6 +124,11 @@ class Task(abc.ABC):
     def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of each sample in `batch`, shape [B], float32, differentiable w.r.t. the adapter."""
 
+    def size_hint(self, sample: Sample) -> int:
+        """A sample's compute cost in the family's own unit (LM: tokens), so `score` can batch
+        samples of a similar size together and pad less; 0 when every sample costs the same."""
+        return 0
+
     def remove_adapter(self) -> None:
         """Take the adapter off without merging it, leaving the bare frozen backbone."""
         from peft import PeftModel

@@ -206,6 +206,14 @@ class LMTask(Task):
         labels = [IGNORE] * (len(self.bos) + len(prompt)) + response
         return ids, labels
 
+    def size_hint(self, sample: Sample) -> int:
+        """Tokens after truncation (what the batch is padded to); 0 for a sample the LM cannot
+        take, which collate then reports."""
+        try:
+            return len(self.encode(sample)[0])
+        except BadSampleError:
+            return 0
+
     def collate(self, samples: Sequence[Sample], role: Role) -> dict[str, Any]:
         encoded = [self.encode(s) for s in samples]
         width = max(len(ids) for ids, _ in encoded)
