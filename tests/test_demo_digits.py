@@ -253,3 +253,47 @@ def test_the_table_shows_enough_decimals_to_tell_diffusion_losses_apart(tmp_path
     plot_heldout_by_gamma(results, tmp_path / "h.png")
     (low, high) = limits[-1]
     assert low < 0.1105 < 0.112895 < high
+
+
+def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch):
+    """`batctl demo --task diffusion` end to end, with the recipe cut short (1 pretraining
+    step, a few adapter steps): every stage's output, and the table's numbers read back."""
+    real = dd.pretrain
+    monkeypatch.setattr(dd, "pretrain", lambda *a, **kw: real(*a, **{**kw, "steps": 1}))
+    train = {**dd.TRAIN_FLAGS, "steps": 4, "warmup_steps": 1}
+    monkeypatch.setitem(dd.RECIPE, "train_flags", train)
+    monkeypatch.setitem(dd.RECIPE, "surrogate_flags", train)
+    monkeypatch.setitem(dd.RECIPE, "oracle_flags", {**train, "steps": 8})
+    monkeypatch.setitem(dd.RECIPE, "score_flags", {"loss_draws": 2})  # scoring is most of it
+    monkeypatch.setenv("BATCTL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    result = cli("demo", "--task", "diffusion", "--out", out, "--gamma", "0.5", "--json")
+    assert result.exit_code == 0, result.stderr
+    table = json.loads(result.stdout)["table"]
+    assert "BAT demo (diffusion): target domain 'seven'" in table
+    for name in (
+        "surrogate",
+        "scores-woodbury",
+        "select-albat-woodbury",
+        "select-random",
+        "oracle",
+    ):
+        assert (out / name / "manifest.json").is_file(), name
+    assert (
+        json.loads((out / "scores-woodbury" / "manifest.json").read_text())["params"]["loss_draws"]
+        == 2
+    )
+    results = json.loads((out / "report" / "results.json").read_text())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
+    rows = {r["adapter"]: r for r in results["rows"]}
+    assert set(rows) == {"none", "random-g0.5", "albat-woodbury-g0.5"}
+    for label, row in rows.items():
+        assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
+        assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()
+    chosen = json.loads(
+        (out / "select-albat-woodbury" / "gamma-0.5" / "selection.json").read_text()
+    )["chosen"]
+    assert rows["albat-woodbury-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
+    share = sum(World.domain_of(c["key"]) == dd.TARGET for c in chosen) / len(chosen)
+    assert rows["albat-woodbury-g0.5"]["target_share"] == pytest.approx(share)
+    assert results["oracle_heldout_loss"] == pytest.approx(metrics["oracle"]["heldout_loss"])
