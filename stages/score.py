@@ -456,11 +456,18 @@ def score_chunk(
 
 def score_batch(samples: list[Any], task: Any, engine: Any, want_layers: bool, strict: bool):
     """Yield (index, (score, layer scores) or None) for a batch; a sample the task rejects at
-    collation is retried alone so it cannot take its batch down with it."""
+    collation is retried alone so it cannot take its batch down with it, and so is a batch
+    the engine can only score sample by sample (a non-finite sample under --normalize)."""
     from batctl.errors import BadSampleError
+    from batctl.influence.engines import NonFiniteInBatch
 
     try:
         result = engine.score(task.collate(samples, "pool"), layer_scores=want_layers)
+    except NonFiniteInBatch:
+        for i, sample in enumerate(samples):
+            for _, single in score_batch([sample], task, engine, want_layers, strict):
+                yield i, single
+        return
     except BadSampleError:
         if strict or len(samples) == 1:
             if strict:

@@ -57,7 +57,7 @@ class SelectConfig(OutputOptions):
     """Select exactly K pool samples."""
 
     threshold: tuple[float, ...] = ()
-    """Select every sample with score >= η; the resulting γ is reported."""
+    """Select every sample with score >= η (in the store's units: a --normalize store holds scores per unit gradient norm); the resulting γ is reported."""
 
     strategy: Literal["albat", "random", "none"] = "albat"
     """albat: highest scores; random: uniform at random (seeded); none: empty (plain adaptation)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from batctl.data import open_pool
-from batctl.influence.engines import FDEngine, HooksEngine, make_engine
+from batctl.influence.engines import FDEngine, HooksEngine, NonFiniteInBatch, make_engine
 from batctl.influence.grads import per_sample_grads
 from batctl.influence.layers import InfluenceError, discover_layers
 from batctl.influence.target import build_target, prepare_target
@@ -286,6 +286,49 @@ class ReversedLM(PoisonedLM):
 
     def per_sample_loss(self, batch):
         return self.inner.per_sample_loss(batch).flip(0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_a_non_finite_sample_spoils_no_other_normalized_score(surrogates, kind):
+    from batctl.stages.score import score_batch
+
+    _, task, _, pool, exact = surrogates.get(kind)
+    target = exact[2]
+    poisoned = PoisonedLM(task, pool[3].key, "activations")
+    clean = PoisonedLM(task, "no such key", "activations")
+    engine = HooksEngine(poisoned, target, normalize=True)
+    reference = HooksEngine(clean, target, normalize=True).score(clean.collate(pool, "pool"))
+    if kind == "dora":  # its magnitudes' norms come from one batched backward: refused ...
+        with pytest.raises(NonFiniteInBatch):
+            engine.score(poisoned.collate(pool, "pool"))
+    # ... and the score stage then takes the batch one sample at a time
+    got = dict(score_batch(pool, poisoned, engine, want_layers=False, strict=False))
+    scores = torch.tensor([got[i][0] for i in range(len(pool))], dtype=torch.float64)
+    others = torch.arange(len(pool)) != 3
+    assert math.isnan(float(scores[3]))
+    assert torch.isfinite(scores[others]).all() and (scores[others] != 0).all()
+    assert max_rel(scores[others], reference.scores[others]) < 1e-6
+
+
+class TwiceLM(PoisonedLM):
+    """Every adapter module called twice per sample: L = L(x) + L(x)/2 from two forwards."""
+
+    def __init__(self, inner: LMTask) -> None:
+        super().__init__(inner, "no such key", "loss")
+
+    def per_sample_loss(self, batch):
+        return self.inner.per_sample_loss(batch) + 0.5 * self.inner.per_sample_loss(batch)
+
+
+def test_normalized_scores_of_modules_called_twice_sum_before_the_norm(surrogates):
+    _, task, _, pool, exact = surrogates.get("lora")
+    target = exact[2]
+    twice = TwiceLM(task)
+    grads = brute_force_grads(twice, pool, 8, "pool")
+    expected, _ = brute_force_scores(grads, target)
+    norms = torch.stack([g.square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    got = HooksEngine(twice, target, normalize=True).score(twice.collate(pool, "pool"))
+    assert max_rel(got.scores, expected / norms) < 1e-6
 
 
 def test_hooks_are_checked_against_autograd(surrogates):

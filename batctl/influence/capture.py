@@ -82,6 +82,8 @@ class Capture:
         first = next((e.module.weight for e in layerset.modules if e.weight is not None), None)
         device = first.device if first is not None else None
         self.anchor = torch.zeros((), requires_grad=True, device=device)
+        self.calls: dict[int, int] = {}
+        """id(entry) -> how many of its forward calls were tapped (a shared module: several)."""
         self._handles: list[Any] = []
 
     def __enter__(self) -> Capture:
@@ -98,6 +100,7 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
             if not self.recording or not torch.is_grad_enabled() or not output.requires_grad:
                 return None
+            self.calls[id(entry)] = self.calls.get(id(entry), 0) + 1
             return _Tap.apply(output, self.anchor, _Call(self, entry, args[0].detach()))
 
         return hook

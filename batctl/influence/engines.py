@@ -16,8 +16,10 @@ define it, is −s(x).
     forward-mode pass.
     With ``normalize``, each sample's scores are divided by its gradient norm ||∇L(x)|| (all
     adapter layers): the cosine-style score LESS uses. The norm needs the per-sample gradient
-    of each layer, formed one layer at a time in the hook (B × D_l, small for adapters) and
-    dropped at once; generic layers take theirs from the same graph (``grads.generic_grads``).
+    of each layer, formed in the hook (B × D_l, small for adapters) and dropped once the
+    module's last tapped call has reported; generic layers take theirs from the same graph
+    (``grads.generic_grads``), where a NaN sample would reach every row, so such a batch raises
+    ``NonFiniteInBatch`` and is scored one sample at a time by the caller.
 ``FDEngine`` (approximate, cheap)
     The central difference (L(θ + εr) − L(θ − εr)) / 2ε: two forward passes under no_grad with
     the adapter moved in place (and restored bit-exactly from a copy). No per-layer scores.
@@ -102,6 +104,11 @@ class Scores:
         return torch.isfinite(self.scores)
 
 
+class NonFiniteInBatch(InfluenceError):
+    """A batch that must be scored one sample at a time (``HooksEngine`` with ``normalize`` and
+    generic layers, when some sample's loss is not finite)."""
+
+
 def _bind(task: Task, target: Target, layerset: LayerSet | None) -> LayerSet:
     """The task's layers, checked against the target's (same names, same shapes)."""
     layerset = layerset or discover_layers(task)
@@ -183,7 +190,11 @@ class HooksEngine:
         """Scores of one collated pool batch; per-layer scores [B, L] when ``layer_scores``."""
         layerset = self.layerset
         columns: dict[int, torch.Tensor] = {}
-        grads: dict[str, torch.Tensor] = {}  # per-sample gradients, only for --normalize
+        # --normalize: Σ_l ||g_l(x)||² per sample; a module's per-sample gradient is kept only
+        # until its last tapped call has reported (a shared module's calls add up first).
+        norm_sq: list[torch.Tensor] = []
+        partial: dict[str, torch.Tensor] = {}
+        waiting: dict[int, int] = {}
         samples = 0
 
         def on_grad(entry: HookedModule, a: torch.Tensor, delta: torch.Tensor) -> None:
@@ -197,8 +208,15 @@ class HooksEngine:
                 gw, gb = weight_and_bias_grads(entry, a, delta, samples, torch.float64)
                 for layer, g in ((entry.weight, gw), (entry.bias, gb)):
                     if layer is not None and g is not None:
-                        # Summed before squaring: a module called twice adds its contributions.
-                        grads[layer.name] = grads[layer.name] + g if layer.name in grads else g
+                        partial[layer.name] = (
+                            partial[layer.name] + g if layer.name in partial else g
+                        )
+                key = id(entry)
+                waiting[key] = waiting.get(key, cap.calls.get(key, 1)) - 1
+                if waiting[key] <= 0:
+                    for layer in (entry.weight, entry.bias):
+                        if layer is not None and layer.name in partial:
+                            norm_sq[0] += partial.pop(layer.name).square().sum(1)
 
         keep_graph = self.normalize and bool(layerset.generic)
         with eval_mode(self.task.model), torch.enable_grad(), Capture(layerset, on_grad) as cap:
@@ -207,20 +225,30 @@ class HooksEngine:
             cap.recording = False
             samples = losses.shape[0]
             finite = torch.isfinite(losses.detach())
+            if keep_graph and samples > 1 and not bool(finite.all()):
+                # The generic layers' per-sample gradients come from one batched backward, in
+                # which a non-finite sample's NaN activations reach every row (0 · NaN).
+                raise NonFiniteInBatch(
+                    "a non-finite sample in the batch would spoil the other samples' gradient "
+                    "norms; score its samples one at a time"
+                )
+            norm_sq.append(torch.zeros(samples, dtype=torch.float64, device=losses.device))
             # A non-finite loss must not turn the sum (and every δ) into NaN: mask it out; its
             # own rows may still go NaN in the backward, but no other sample's do.
             masked = torch.where(finite, losses, torch.zeros_like(losses))
             cap.backward(masked.sum(), retain_graph=keep_graph)
             if keep_graph:
                 cap.active = False
-                grads.update(generic_grads(masked, layerset.generic))
+                for g in generic_grads(masked, layerset.generic).values():
+                    norm_sq[0] += g.to(torch.float64).square().sum(1)
+            losses = losses.detach()  # lets the kept graph go before the generic layers' pass
+            del masked
         norms = None
         if self.normalize:
-            norms = torch.zeros(samples, dtype=torch.float64, device=losses.device)
-            for g in grads.values():
-                norms += g.to(torch.float64).square().sum(1)
-            norms = norms.sqrt()
-            grads.clear()
+            for g in partial.values():  # calls whose backward never came: what they had
+                norm_sq[0] += g.square().sum(1)
+            partial.clear()
+            norms = norm_sq[0].sqrt()
         generic = self._generic_columns(batch, per_layer=layer_scores) if layerset.generic else {}
         summed_generic = generic.pop(-1, None)
         columns.update(generic)
@@ -233,13 +261,13 @@ class HooksEngine:
         if summed_generic is not None:
             total = total + summed_generic.to(device, torch.float64)
         if norms is not None:
-            # A zero gradient (nothing to learn from x) scores 0, not NaN.
-            scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            # A zero gradient (nothing to learn from x) scores 0; a non-finite norm, NaN.
+            scale = torch.where(norms == 0, torch.zeros_like(norms), 1.0 / norms)
             total, per_layer = total * scale, per_layer * scale[:, None]
         bad = ~finite | ~torch.isfinite(total)
         total = total.masked_fill(bad, math.nan).cpu()
         out_layers = per_layer.masked_fill(bad[:, None], math.nan).cpu() if layer_scores else None
-        return Scores(total, losses.detach().double().cpu(), out_layers)
+        return Scores(total, losses.double().cpu(), out_layers)
 
     # ---------------------------------------------------------------- generic layers
 
