@@ -21,6 +21,8 @@ from batctl.errors import BatctlError, UpToDate
 log = logging.getLogger("batctl.demo")
 
 WORLD_FILE = "world.json"
+RECIPE_FIELDS = ("train_flags", "oracle_flags", "surrogate_flags", "score_flags")
+"""World fields that come from the family's RECIPE at load time, not from world.json."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,11 @@ class World:
         return self.pool_domains.get(self.target, 0) / total if total else 0.0
 
     def save(self) -> None:
-        """Write world.json (paths relative to the root, so a cache directory can move)."""
+        """Write world.json (paths relative to the root, so a cache directory can move); the
+        stage recipe is code (``with_recipe``), not saved."""
         data = asdict(self)
+        for name in RECIPE_FIELDS:
+            data.pop(name)
         for name in ("model", "adaptation", "heldout", "oracle"):
             data[name] = str(Path(data[name]).relative_to(self.root))
         data["pool"] = [str(Path(p).relative_to(self.root)) for p in self.pool]
@@ -105,6 +110,8 @@ class World:
     def load(cls, root: Path) -> World:
         """Read a world saved under ``root``."""
         data = json.loads((Path(root) / WORLD_FILE).read_text())
+        for name in RECIPE_FIELDS:
+            data.pop(name, None)
         for name in ("model", "adaptation", "heldout", "oracle"):
             data[name] = Path(root) / data[name]
         data["pool"] = tuple(Path(root) / p for p in data["pool"])
