@@ -91,12 +91,12 @@ def goals(runs: dict[int, dict[str, Any]], albat: str = "albat-woodbury") -> dic
 
 def table(family: str, runs: dict[int, dict[str, Any]]) -> str:
     """Markdown: one row per strategy and γ, one column per seed, the mean and the share."""
-    from batctl.demo.report import loss_format
+    from batctl.demo.report import loss_decimals
 
     seeds = sorted(runs)
     first = runs[seeds[0]]
     # Decimals enough for every seed's losses (the diffusion demo's differ in the 5th place).
-    spec = max((loss_format(runs[s]) for s in seeds), key=lambda f: int(f[1:-1]))
+    spec = f".{max(loss_decimals(runs[s]) for s in seeds)}f"
     lines = [
         f"### {family}: target {first['target']!r}, n = {first['n_adaptation']}, "
         f"pool base rate {100 * first['base_rate']:.1f}%",

@@ -59,6 +59,25 @@ def test_vendi_rejects_empty_and_zero_rows():
 # ----------------------------------------------------------------------------- feature models
 
 
+def write_image_processor(out, kind, shortest_edge, mean, std):
+    """The image processor config a hub checkpoint ships: resize, center-crop 32, normalise."""
+    config = {
+        "image_processor_type": kind,
+        "do_resize": True,
+        "size": {"shortest_edge": shortest_edge},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
@@ -75,24 +94,7 @@ def dino_dir(tmp_path_factory):
     )
     Dinov2Model(config).eval().save_pretrained(out)
     # BitImageProcessor's config, as facebook/dinov2-* ship it (scaled down: 36 -> crop 32).
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "BitImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": 36},
-                "resample": 3,
-                "do_center_crop": True,
-                "crop_size": {"height": 32, "width": 32},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": list(dm.IMAGENET_MEAN),
-                "image_std": list(dm.IMAGENET_STD),
-                "do_convert_rgb": True,
-            }
-        )
-    )
+    write_image_processor(out, "BitImageProcessor", 36, dm.IMAGENET_MEAN, dm.IMAGENET_STD)
     return out
 
 
@@ -130,24 +132,7 @@ def clip_dir(tmp_path_factory):
     torch.manual_seed(1)
     CLIPModel(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": 32},
-                "resample": 3,
-                "do_center_crop": True,
-                "crop_size": {"height": 32, "width": 32},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": list(dm.CLIP_MEAN),
-                "image_std": list(dm.CLIP_STD),
-                "do_convert_rgb": True,
-            }
-        )
-    )
+    write_image_processor(out, "CLIPImageProcessor", 32, dm.CLIP_MEAN, dm.CLIP_STD)
     return out
 
 

@@ -118,8 +118,8 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
-def loss_format(results: dict[str, Any]) -> str:
-    """Enough decimals to tell the losses apart: the diffusion demo's differ in the 5th place."""
+def loss_decimals(results: dict[str, Any]) -> int:
+    """Decimals enough to tell the losses apart (2-8): the diffusion demo's differ in the 5th."""
     values = [r["heldout_loss"] for r in results["rows"] if r["heldout_loss"] is not None]
     values += [results.get("backbone_heldout_loss"), results.get("oracle_heldout_loss")]
     values = [v for v in values if v is not None and math.isfinite(v)]
@@ -128,12 +128,12 @@ def loss_format(results: dict[str, Any]) -> str:
     # Four digits below the spread's leading digit, or four significant ones when all agree.
     digits = 4 - math.floor(math.log10(spread)) - 1 if spread > 0 else 4
     digits = max(digits, 4 - math.floor(math.log10(abs(scale))) - 1 if scale else 4)
-    return f".{min(max(digits, 2), 8)}f"
+    return min(max(digits, 2), 8)
 
 
 def render_table(results: dict[str, Any]) -> str:
     """The markdown table the demo prints: one row per adapter."""
-    spec = loss_format(results)
+    spec = f".{loss_decimals(results)}f"
     lines = [
         f"BAT demo ({results['family']}): target domain {results['target']!r}, "
         f"n = {results['n_adaptation']} adaptation samples, pool base rate "

@@ -78,6 +78,20 @@ class AdapterSettings:
     text_encoder: bool = False
     """Diffusion: also adapt the text encoder (same kind, rank and alpha)."""
 
+    def lora_config(self, targets: Any, **extra: Any) -> Any:
+        """peft's LoraConfig for these settings on ``targets`` (module names, or "all-linear");
+        alpha defaults to the rank; ``extra`` goes to LoraConfig as is (e.g. task_type)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            use_dora=self.kind == "dora",
+            **extra,
+        )
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -215,21 +215,14 @@ class DiffusionTask(Task):
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, adapter: AdapterSettings, seed: int) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if adapter.kind not in ADAPTER_KINDS:
             raise UsageError(f"--adapter {adapter.kind}: must be one of {', '.join(ADAPTER_KINDS)}")
         targets = list(adapter.targets) or list(
             ATTENTION_TARGETS + CONV_TARGETS if adapter.kind == "locon" else ATTENTION_TARGETS
         )
-        config = LoraConfig(
-            r=adapter.rank,
-            lora_alpha=adapter.alpha if adapter.alpha is not None else adapter.rank,
-            lora_dropout=adapter.dropout,
-            target_modules=targets,
-            use_dora=adapter.kind == "dora",
-            init_lora_weights=True,
-        )
+        config = adapter.lora_config(targets, init_lora_weights=True)
         self.remove_adapter()
         torch.manual_seed(seed)
         try:
@@ -244,14 +237,7 @@ class DiffusionTask(Task):
         unet.peft_config["default"].base_model_name_or_path = self.settings.model
         self.model.unet = unet
         if adapter.text_encoder:
-            text_config = LoraConfig(
-                r=adapter.rank,
-                lora_alpha=adapter.alpha if adapter.alpha is not None else adapter.rank,
-                lora_dropout=adapter.dropout,
-                target_modules=list(TEXT_ENCODER_TARGETS),
-                use_dora=adapter.kind == "dora",
-                init_lora_weights=True,
-            )
+            text_config = adapter.lora_config(list(TEXT_ENCODER_TARGETS), init_lora_weights=True)
             text_encoder = get_peft_model(self.model.text_encoder, text_config)
             text_encoder.peft_config["default"].base_model_name_or_path = self.settings.model
             self.model.text_encoder = text_encoder

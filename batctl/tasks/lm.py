@@ -107,7 +107,7 @@ class LMTask(Task):
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, adapter: AdapterSettings, seed: int) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if adapter.kind == "locon":
             raise UsageError(
@@ -120,14 +120,7 @@ class LMTask(Task):
         targets: Any = list(adapter.targets) or None
         if targets == ["all-linear"]:
             targets = "all-linear"
-        config = LoraConfig(
-            r=adapter.rank,
-            lora_alpha=adapter.alpha if adapter.alpha is not None else adapter.rank,
-            lora_dropout=adapter.dropout,
-            target_modules=targets,
-            use_dora=adapter.kind == "dora",
-            task_type="CAUSAL_LM",
-        )
+        config = adapter.lora_config(targets, task_type="CAUSAL_LM")
         torch.manual_seed(seed)
         try:
             self.model = get_peft_model(self.base, config)
