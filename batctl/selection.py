@@ -103,7 +103,7 @@ class ScoreSource:
 
     store: ScoreStore
     n: int
-    """Finite adaptation samples behind the scores (target.safetensors)."""
+    """Finite adaptation samples behind the scores (the store's n_adaptation attribute)."""
 
     record: dict[str, Any]
     """The score run's manifest, or its partial.json for an unfinished store."""
@@ -193,7 +193,14 @@ def open_scores(path: str | Path | None, allow_partial: bool = False) -> ScoreSo
             "let `batctl score` finish (rerun it to resume), or pass --allow-partial to select "
             "from the finished chunks"
         )
-    return ScoreSource(work.absolute(), store, read_n(work / TARGET), record, complete)
+    return ScoreSource(work.absolute(), store, store_n(store, work), record, complete)
+
+
+def store_n(store: ScoreStore, work: Path) -> int:
+    """n behind a store: its `n_adaptation` attribute (every method writes it), else, for stores
+    written before methods existed, target.safetensors' metadata."""
+    n = store.group.attrs.get("n_adaptation")
+    return int(n) if n is not None else read_n(work / TARGET)
 
 
 @dataclass

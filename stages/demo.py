@@ -1,10 +1,11 @@
 """demo: the whole pipeline on the embedded default data, with no arguments and no network.
 
 A recipe over the other stages: build (or find in the cache) the demo world, train the surrogate
-on D_A, score the pool, select at every γ (albat per preconditioner, and random), train the
-plain, random and albat adapters and the oracle θ*, evaluate them all on held-out target data,
-and report. Every step is an ordinary stage output under --out, so a second run finds them up to
-date and only redraws the report.
+on D_A, score the pool with every --method (batctl's default and the strongest cheap baseline),
+select at every γ (each method's top, and random), train the plain, random and per-method
+adapters and the oracle θ*, evaluate them all on held-out target data, and report. Every step is
+an ordinary stage output under --out, so a second run finds them up to date and only redraws the
+report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from batctl.selection import value_name
 log = logging.getLogger("batctl.demo")
 
 PRECONDITIONERS = ("woodbury", "datainf", "identity")
+DEMO_METHODS = ("influence", "bm25")
+"""What the demo compares by default: batctl's default method and the strongest cheap baseline
+(benchmarks/bat_quality.py measures them all)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,11 @@ class DemoConfig(OutputOptions):
     gamma: tuple[str, ...] = ("0.5", "0.75", "0.9")
     """Adaptation share γ of each augmented training set (comma lists allowed)."""
 
-    preconditioner: tuple[str, ...] = ("woodbury",)
-    """Preconditioners to score (and select by) with: woodbury, datainf, identity."""
+    method: tuple[str, ...] = DEMO_METHODS
+    """Selection methods to compare (batctl score --method), each beside random and none."""
+
+    preconditioner: str = "woodbury"
+    """Preconditioner of the gradient methods (influence, hybrid): woodbury, datainf, identity."""
 
     seed: int = 0
     """Seed of the surrogate, every adapter and the random selection (the data stay fixed)."""
@@ -51,11 +58,17 @@ class DemoConfig(OutputOptions):
         out += gamma_problems
         if auto or (not gammas and not gamma_problems):
             out.append("--gamma: give one or more numbers in (0, 1) ('auto' is for select)")
-        for name in self.preconditioner:
-            if name not in PRECONDITIONERS:
-                out.append(f"--preconditioner {name}: must be one of {', '.join(PRECONDITIONERS)}")
-        if not self.preconditioner:
-            out.append("--preconditioner: give at least one")
+        from batctl.methods import METHODS
+
+        if self.preconditioner not in PRECONDITIONERS:
+            out.append(
+                f"--preconditioner {self.preconditioner}: must be one of {', '.join(PRECONDITIONERS)}"
+            )
+        for name in self.method:
+            if name not in METHODS:
+                out.append(f"--method {name}: must be one of {', '.join(METHODS)}")
+        if not self.method:
+            out.append("--method: give at least one")
         return out
 
 
@@ -85,45 +98,35 @@ def run(config: DemoConfig) -> dict[str, Any]:
     # surrogate, score, select
     surrogate = out / "surrogate"
     run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
-    scores = {}
-    for name in config.preconditioner:
-        scores[name] = out / f"scores-{name}"
-        run_stage(
-            "score",
-            out=scores[name],
-            surrogate=surrogate,
-            data=str(world.adaptation),
-            pool=tuple(str(p) for p in world.pool),
-            preconditioner=name,
-            **common,
-            **world.score_flags,
-        )
+    scores = {
+        name: score_with(name, world, out, surrogate, config, common) for name in config.method
+    }
+    for name, store in scores.items():
         run_stage(
             "select",
-            out=out / f"select-albat-{name}",
-            scores=scores[name],
+            out=out / f"select-{name}",
+            scores=store,
             gamma=tuple(str(g) for g in gammas),
             strategy="albat",
             force=config.force,
         )
-    first = config.preconditioner[0]
     run_stage(
         "select",
         out=out / "select-random",
-        scores=scores[first],
+        scores=scores[config.method[0]],
         gamma=tuple(str(g) for g in gammas),
         strategy="random",
         seed=config.seed,
         force=config.force,
     )
 
-    # train: plain, random, albat, and the oracle θ*
+    # train: plain, random, each method's, and the oracle θ*
     adapters = {"none": None}
     for g in gammas:
         value = value_name("gamma", g)
         adapters[f"random-g{g}"] = out / "select-random" / value
-        for name in config.preconditioner:
-            adapters[f"albat-{name}-g{g}"] = out / f"select-albat-{name}" / value
+        for name in config.method:
+            adapters[f"{name}-g{g}"] = out / f"select-{name}" / value
     trained = []
     for label, selection in adapters.items():
         path = out / "train" / label
@@ -144,9 +147,36 @@ def run(config: DemoConfig) -> dict[str, Any]:
     )
 
     # report
-    results = collect(world, out, gammas, config.preconditioner, config.seed)
+    results = collect(world, out, gammas, config.method, config.seed)
     table = write_report(results, out / "report")
     return {"report": str(out / "report"), "table": table}
+
+
+def score_with(
+    method: str, world: Any, out: Path, surrogate: Path, config: DemoConfig, common: dict[str, Any]
+) -> Path:
+    """The score store of `method` on the world's pool (the gradient methods read the surrogate
+    and the world's score recipe); returns its directory."""
+    from batctl.methods import SURROGATE_METHODS
+
+    extra: dict[str, Any] = {}
+    if method in SURROGATE_METHODS:
+        extra = {
+            "surrogate": surrogate,
+            "preconditioner": config.preconditioner,
+            **world.score_flags,
+        }
+    path = out / f"scores-{method}"
+    run_stage(
+        "score",
+        out=path,
+        data=str(world.adaptation),
+        pool=tuple(str(p) for p in world.pool),
+        method=method,
+        **common,
+        **extra,
+    )
+    return path
 
 
 def run_stage(stage: str, **flags: Any) -> None:

@@ -1,4 +1,8 @@
-"""score: stream the backbone pool once and give every sample its influence score (DESIGN §5)."""
+"""score: stream the backbone pool once and give every sample a score (DESIGN §5, §5b).
+
+The method (influence, or a cheap baseline: bm25, tfidf, dsir, embed) is one interface that
+writes one store layout; this stage only streams, shards, resumes and publishes.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,28 @@ from batctl.errors import BatctlError
 log = logging.getLogger("batctl.score")
 
 
+INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normalize", "layer_scores")
+"""Flags only the gradient methods read."""
+HYBRID_FLAGS = ("prefilter", "candidates")
+
+
 @dataclass(frozen=True)
 class ScoreConfig(DataOptions):
     """Score every pool sample against the adaptation set, resumably."""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "surrogate", "data", "pool", "out")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "pool", "out")
+
+    method: Literal["influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion"] = "influence"
+    """What ranks the pool: influence at the surrogate; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence); fusion (the sum of the z-scores of influence, bm25 and tfidf)."""
+
+    prefilter: Literal["bm25", "tfidf"] = "bm25"
+    """--method hybrid: the cheap method whose top candidates influence re-ranks."""
+
+    candidates: int = 256
+    """--method hybrid: how many of the prefilter's top rows get a gradient (the rest keep prefilter order below them)."""
 
     surrogate: Path | None = None
-    """Surrogate adapter directory (the output of `batctl surrogate`)."""
+    """Surrogate adapter directory (the output of `batctl surrogate`); --method influence only."""
 
     pool: tuple[str, ...] = ()
     """Backbone pool parts: tars, JSON/JSONL, text; braces like laion-{000..099}.tar are expanded by batctl."""
@@ -57,10 +75,16 @@ class ScoreConfig(DataOptions):
     """Diffusion: (timestep, noise) draws per sample, seeded from the sample key."""
 
     def problems(self) -> list[str]:
+        from batctl.methods import SURROGATE_METHODS
+
         out = super().problems()
+        if self.method in SURROGATE_METHODS and self.surrogate is None:
+            out.append(f"--surrogate is required with --method {self.method}")
+        if self.method not in SURROGATE_METHODS and self.surrogate is not None:
+            out.append(f"--surrogate is only read by --method {', '.join(SURROGATE_METHODS)}")
         if self.damping <= 0:
             out.append(f"--damping must be > 0, got {self.damping}")
-        for name in ("batch_size", "chunk_size", "loss_draws"):
+        for name in ("batch_size", "chunk_size", "loss_draws", "candidates"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         try:
@@ -73,6 +97,20 @@ class ScoreConfig(DataOptions):
             out.append("--normalize needs --engine hooks (fd never sees a per-sample gradient)")
         return out
 
+    def params(self) -> dict[str, Any]:
+        """The run's identity: only the flags the method reads (a bm25 store does not depend on
+        --damping, nor an influence store on --candidates)."""
+        from batctl.methods import SURROGATE_METHODS
+
+        out = super().params()
+        if self.method not in SURROGATE_METHODS:
+            for name in INFLUENCE_FLAGS:
+                out.pop(name, None)
+        if self.method != "hybrid":
+            for name in HYBRID_FLAGS:
+                out.pop(name, None)
+        return out
+
     def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
         """(i, N) from --shard, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
         explicit = parse_shard(self.shard)
@@ -81,9 +119,6 @@ class ScoreConfig(DataOptions):
         if "RANK" in env and "WORLD_SIZE" in env:
             return int(env["RANK"]), int(env["WORLD_SIZE"])
         return 0, 1
-
-
-TARGET = "target.safetensors"
 
 
 def run(config: ScoreConfig) -> dict[str, Any]:
@@ -104,21 +139,22 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         run_identity,
     )
     from batctl.data import open_pool
+    from batctl.methods import make_method
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
 
     # setup: every input checked before any model is loaded
     shard, shards = config.shard_of(dict(os.environ))
     fp = config.strict_fingerprints
+    method = make_method(config.method)
     model = describe_input(config.model, fp)
-    surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
-    check_same_model(surrogate, model, "--surrogate")
-    inputs: dict[str, Any] = {
-        "model": model,
-        "surrogate": describe_input(surrogate),
-        "data": describe_data(config.data, fp),
-        "pool": describe_data(config.pool, fp),
-    }
+    inputs: dict[str, Any] = {"model": model}
+    if method.needs_surrogate:
+        surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
+        check_same_model(surrogate, model, "--surrogate")
+        inputs["surrogate"] = describe_input(surrogate)
+    inputs["data"] = describe_data(config.data, fp)
+    inputs["pool"] = describe_data(config.pool, fp)
     if config.target is not None:
         inputs["target"] = describe_data(config.target, fp)
     identity = run_identity("score", config.params(), inputs)
@@ -138,15 +174,18 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                 config.pool, strict=config.strict, paragraphs=config.paragraphs, decode=False
             )
             n_rows = None if ScoreStore.exists(work) else count_rows(pool, config)
-            task = load_task_with_surrogate(config, surrogate)
-            target, metadata = ensure_target(work, task, config)
+            scorer = method.prepare(work, pool, config)
             if n_rows is not None:
-                lay_out_store(work, pool, n_rows, config, target.layers)
+                attrs = {
+                    "method": method.name,
+                    "n_adaptation": scorer.n_adaptation,
+                    **scorer.attrs(),
+                }
+                lay_out_store(work, pool, n_rows, config, scorer.layer_names, attrs)
             scoring = scoring_lock(out)  # taken before the set-up lock is released: no gap
         # loop
         with scoring:
-            engine = engine_for(config, task, target, metadata)
-            summary = score_shard(work, pool, task, engine, config, shard, shards)
+            summary = score_shard(work, pool, scorer, config, shard, shards)
         # save: whoever completes the last chunk publishes the store
         with output_lock(out, wait=True):
             summary["published"] = False
@@ -170,83 +209,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                     out,
                 )
     return {"out": str(config.out), **summary}
-
-
-def load_task_with_surrogate(config: ScoreConfig, surrogate: Path) -> Any:
-    """The backbone with the surrogate adapter, trainable so its gradients exist."""
-    import dataclasses
-
-    from batctl.tasks import load_task
-
-    settings = dataclasses.replace(config.task_settings(), loss_draws=config.loss_draws)
-    task = load_task(settings, config.task)
-    task.load_adapter(surrogate, trainable=True)
-    task.model.eval()
-    return task
-
-
-def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict[str, str]]:
-    """r per layer: loaded from the work dir, or computed from D_A (and --target) and saved there.
-
-    Every shard scores with the same saved r, so shards agree to the bit.
-    """
-    import os
-
-    from batctl.influence.target import load_target, prepare_target, save_target
-    from batctl.samples import load_samples
-
-    path = work / TARGET
-    if path.is_file():
-        return load_target(path)
-    adaptation = load_samples(
-        config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
-    )
-    target_samples = None
-    if config.target is not None:
-        target_samples = load_samples(
-            config.target, flag="--target", strict=config.strict, paragraphs=config.paragraphs
-        )
-    target = prepare_target(
-        task,
-        adaptation,
-        target_samples,
-        preconditioner=config.preconditioner,
-        damping=config.damping,
-        batch_size=min(config.batch_size, 8),
-    )
-    metadata = {
-        "preconditioner": target.preconditioner,
-        "preconditioner_flag": config.preconditioner,
-        "damping": str(config.damping),
-        "engine": config.engine,
-        "normalize": str(config.normalize),
-        "target": "adaptation set" if config.target is None else str(config.target),
-        **task.loss_settings(),
-    }
-    if config.engine == "fd":
-        # The fd step is measured once, on D_A, and stored: a resumed run or another shard
-        # must take exactly the same step or the store would not be one consistent run.
-        from batctl.influence.engines import make_engine
-
-        calibration = task.collate(
-            adaptation[: min(config.batch_size, len(adaptation))], "adaptation"
-        )
-        metadata["fd_eps"] = repr(make_engine("fd", task, target, calibration=calibration).eps)
-    staging = path.with_name(path.name + ".tmp")
-    save_target(staging, target, metadata)
-    os.replace(staging, path)  # a kill mid-write must not leave a truncated target to resume from
-    return load_target(path)
-
-
-def engine_for(config: ScoreConfig, task: Any, target: Any, metadata: dict[str, str]) -> Any:
-    """The configured engine, with the fd step recorded in target.safetensors."""
-    from batctl.influence.engines import make_engine
-
-    if config.engine == "fd":
-        options: dict[str, Any] = {"eps": float(metadata["fd_eps"])}
-    else:
-        options = {"normalize": config.normalize}
-    return make_engine(config.engine, task, target, **options)
 
 
 def partial_matches(out: Path, identity: dict[str, Any]) -> bool:
@@ -310,7 +272,12 @@ def count_rows(pool: Any, config: ScoreConfig) -> int:
 
 
 def lay_out_store(
-    work: Path, pool: Any, n_rows: int, config: ScoreConfig, layers: list[str]
+    work: Path,
+    pool: Any,
+    n_rows: int,
+    config: ScoreConfig,
+    layers: list[str] | None,
+    attrs: dict[str, Any],
 ) -> None:
     """Lay out scores.zarr (one pending row per pool sample) in a temporary name, then rename it,
     so a kill mid-layout leaves no store that looks laid out."""
@@ -327,8 +294,8 @@ def lay_out_store(
         rows,
         n_rows,
         config.chunk_size,
-        layer_names=layers if config.layer_scores else None,
-        attrs={"pool": [str(p.path) for p in pool.parts]},
+        layer_names=layers,
+        attrs={"pool": [str(p.path) for p in pool.parts], **attrs},
     )
     os.replace(staging / STORE, work / STORE)
     staging.rmdir()
@@ -338,7 +305,7 @@ def lay_out_store(
 
 
 def score_shard(
-    work: Path, pool: Any, task: Any, engine: Any, config: ScoreConfig, shard: int, shards: int
+    work: Path, pool: Any, scorer: Any, config: ScoreConfig, shard: int, shards: int
 ) -> dict[str, Any]:
     """Score every pending chunk this shard owns, streaming only the parts those chunks cover."""
     import time
@@ -389,7 +356,7 @@ def score_shard(
             if chunk in pending:
                 buffer.append(item)
                 if row == store.chunk_rows(chunk).stop - 1:
-                    score_chunk(store, chunk, buffer, pool, task, engine, config)
+                    score_chunk(store, chunk, buffer, pool, scorer)
                     scored_rows += len(buffer)
                     advance(len(buffer))
                     summary["chunks_scored"] += 1
@@ -410,10 +377,8 @@ def score_shard(
     return summary
 
 
-def score_chunk(
-    store: Any, chunk: int, rows: list[Any], pool: Any, task: Any, engine: Any, config: ScoreConfig
-) -> None:
-    """Decode, batch and score one chunk's rows, then write the chunk (done flag last)."""
+def score_chunk(store: Any, chunk: int, rows: list[Any], pool: Any, scorer: Any) -> None:
+    """Decode and score one chunk's rows, then write the chunk (done flag last)."""
     import numpy as np
 
     from batctl.data import BadSample
@@ -434,53 +399,13 @@ def score_chunk(
     )
     decoded = [(i, pool.decoded(r)) for i, r in enumerate(rows) if type(r) is not BadSample]
     good = [(i, s) for i, s in decoded if type(s) is not BadSample]
-    # Samples of a similar size share a batch, so LM batches pad to less. No engine mixes rows,
-    # so a score does not depend on its batch (up to float rounding), and the order is fixed
-    # by the chunk's contents: a resumed run or another shard batches exactly the same way.
-    good.sort(key=lambda item: task.size_hint(item[1]))
-    for start in range(0, len(good), config.batch_size):
-        batch = good[start : start + config.batch_size]
-        for index, result in score_batch(
-            [s for _, s in batch], task, engine, layer_scores is not None, config.strict
-        ):
-            i = batch[index][0]
-            if result is None:
-                continue  # a sample the task cannot take: stays unreadable
-            value, per_layer = result
-            scores[i] = value
-            status[i] = SCORED if np.isfinite(value) else NON_FINITE
-            if layer_scores is not None and per_layer is not None:
-                layer_scores[i] = per_layer
+    results = scorer.score([s for _, s in good], [span.start + i for i, _ in good])
+    for (i, _), result in zip(good, results, strict=True):
+        if result is None:
+            continue  # a sample the method cannot take: stays unreadable
+        value, per_layer = result
+        scores[i] = value
+        status[i] = SCORED if np.isfinite(value) else NON_FINITE
+        if layer_scores is not None and per_layer is not None:
+            layer_scores[i] = per_layer
     store.write_chunk(chunk, scores, status, layer_scores)
-
-
-def score_batch(samples: list[Any], task: Any, engine: Any, want_layers: bool, strict: bool):
-    """Yield (index, (score, layer scores) or None) for a batch; a sample the task rejects at
-    collation is retried alone so it cannot take its batch down with it, and so is a batch
-    the engine can only score sample by sample (a non-finite sample under --normalize)."""
-    from batctl.errors import BadSampleError
-    from batctl.influence.engines import NonFiniteInBatch
-
-    try:
-        result = engine.score(task.collate(samples, "pool"), layer_scores=want_layers)
-    except NonFiniteInBatch:
-        for i, sample in enumerate(samples):
-            for _, single in score_batch([sample], task, engine, want_layers, strict):
-                yield i, single
-        return
-    except BadSampleError:
-        if strict or len(samples) == 1:
-            if strict:
-                raise
-            log.warning("skipped %s: the %s task cannot take it", samples[0].key, task.family)
-            yield 0, None
-            return
-        for i, sample in enumerate(samples):
-            for _, single in score_batch([sample], task, engine, want_layers, strict):
-                yield i, single
-        return
-    layers = (
-        result.layer_scores.numpy() if want_layers and result.layer_scores is not None else None
-    )
-    for i, value in enumerate(result.scores.tolist()):
-        yield i, (value, None if layers is None else layers[i])

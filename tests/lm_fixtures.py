@@ -63,3 +63,17 @@ def mixed_pool_lines(n: int, seed: int, rng, words_per_line: int = 10) -> list[s
         json.dumps(r if i % 3 == 0 else {"text": " ".join(rng.choice(WORDS, words_per_line))})
         for i, r in enumerate(color_records(n, seed=seed))
     ]
+
+
+def write_two_part_pool(root: Path) -> str:
+    """Two mixed pool parts of 30 records under `root` (the second with one bad line at row 7),
+    as score's tests use them; returns their brace spec."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for p in range(2):
+        lines = mixed_pool_lines(30, 10 + p, rng)
+        if p == 1:
+            lines.insert(7, "{not json")
+        (root / f"pool-{p}.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root / "pool-{0..1}.jsonl")

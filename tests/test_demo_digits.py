@@ -177,7 +177,8 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
 
     # the demo stage hands data_flags to every stage and its recipe's flags to their stages
     for stage in ("surrogate", "score", "train", "eval"):
-        config = STAGES[stage][0](model=str(world.model), **world.data_flags)
+        extra = {"surrogate": world.root} if stage == "score" else {}  # influence reads one
+        config = STAGES[stage][0](model=str(world.model), **world.data_flags, **extra)
         assert config.problems() == []
     for stage, flags in (
         ("surrogate", world.surrogate_flags),
@@ -186,7 +187,8 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
         ("score", world.score_flags),
     ):
         assert flags, stage
-        config = STAGES[stage][0](model=str(world.model), **world.data_flags, **flags)
+        extra = {"surrogate": world.root} if stage == "score" else {}
+        config = STAGES[stage][0](model=str(world.model), **world.data_flags, **flags, **extra)
         assert config.problems() == []
 
     # batctl's diffusion task reads the world: adaptation images with the instance prompt
@@ -226,7 +228,7 @@ def test_the_table_shows_enough_decimals_to_tell_diffusion_losses_apart(tmp_path
         "rows": [
             row("none", "none", None, 0.112666),
             row("random-g0.5", "random", 0.5, 0.112895),
-            row("albat-woodbury-g0.5", "albat", 0.5, 0.112652),
+            row("influence-g0.5", "influence", 0.5, 0.112652),
         ],
     }
     table = render_table(results)
@@ -267,33 +269,44 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     monkeypatch.setitem(dd.RECIPE, "score_flags", {"loss_draws": 2})  # scoring is most of it
     monkeypatch.setenv("BATCTL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    result = cli("demo", "--task", "diffusion", "--out", out, "--gamma", "0.5", "--json")
+    result = cli(
+        "demo",
+        "--task",
+        "diffusion",
+        "--method",
+        "influence",
+        "--out",
+        out,
+        "--gamma",
+        "0.5",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     table = json.loads(result.stdout)["table"]
     assert "BAT demo (diffusion): target domain 'seven'" in table
     for name in (
         "surrogate",
-        "scores-woodbury",
-        "select-albat-woodbury",
+        "scores-influence",
+        "select-influence",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
     assert (
-        json.loads((out / "scores-woodbury" / "manifest.json").read_text())["params"]["loss_draws"]
+        json.loads((out / "scores-influence" / "manifest.json").read_text())["params"]["loss_draws"]
         == 2
     )
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
     rows = {r["adapter"]: r for r in results["rows"]}
-    assert set(rows) == {"none", "random-g0.5", "albat-woodbury-g0.5"}
+    assert set(rows) == {"none", "random-g0.5", "influence-g0.5"}
     for label, row in rows.items():
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()
-    chosen = json.loads(
-        (out / "select-albat-woodbury" / "gamma-0.5" / "selection.json").read_text()
-    )["chosen"]
-    assert rows["albat-woodbury-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
+    chosen = json.loads((out / "select-influence" / "gamma-0.5" / "selection.json").read_text())[
+        "chosen"
+    ]
+    assert rows["influence-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
     share = sum(World.domain_of(c["key"]) == dd.TARGET for c in chosen) / len(chosen)
-    assert rows["albat-woodbury-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["influence-g0.5"]["target_share"] == pytest.approx(share)
     assert results["oracle_heldout_loss"] == pytest.approx(metrics["oracle"]["heldout_loss"])

@@ -119,16 +119,22 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
     result = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert "| albat-woodbury-g0.5 |" in payload["table"] and "oracle θ*" in payload["table"]
+    assert (
+        "| influence-g0.5 |" in payload["table"]
+        and "| bm25-g0.5 |" in payload["table"]
+        and "oracle θ*" in payload["table"]
+    )
     for name in (
         "surrogate",
-        "scores-woodbury",
-        "select-albat-woodbury",
+        "scores-influence",
+        "scores-bm25",
+        "select-influence",
+        "select-bm25",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
-    for label in ("none", "random-g0.5", "random-g0.9", "albat-woodbury-g0.5"):
+    for label in ("none", "random-g0.5", "random-g0.9", "influence-g0.5", "bm25-g0.9"):
         assert (out / "train" / label / "adapter_model.safetensors").is_file(), label
     report = out / "report"
     for name in (
@@ -150,18 +156,16 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert math.isfinite(row["weight_diff_rel"]) and row["weight_diff_rel"] > 0
     # γ = 0.5 adds k = n samples; their domain make-up is read from the selection itself.
-    chosen = json.loads(
-        (out / "select-albat-woodbury" / "gamma-0.5" / "selection.json").read_text()
-    )
+    chosen = json.loads((out / "select-influence" / "gamma-0.5" / "selection.json").read_text())
     keys = [c["key"] for c in chosen["chosen"]]
-    assert rows["albat-woodbury-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
+    assert rows["influence-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
     share = sum(World.domain_of(k) == "email" for k in keys) / len(keys)
-    assert rows["albat-woodbury-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["influence-g0.5"]["target_share"] == pytest.approx(share)
 
     # the recipe reached the stages: the surrogate's own steps, score's normalisation
     surrogate_log = (out / "surrogate" / "log.jsonl").read_text().splitlines()
     assert max(json.loads(line)["step"] for line in surrogate_log) == 2
-    score_params = json.loads((out / "scores-woodbury" / "manifest.json").read_text())["params"]
+    score_params = json.loads((out / "scores-influence" / "manifest.json").read_text())["params"]
     assert score_params["normalize"] is True
 
     again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")  # warm: all up to date

@@ -290,7 +290,7 @@ class ReversedLM(PoisonedLM):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_a_non_finite_sample_spoils_no_other_normalized_score(surrogates, kind):
-    from batctl.stages.score import score_batch
+    from batctl.methods.influence import score_batch
 
     _, task, _, pool, exact = surrogates.get(kind)
     target = exact[2]

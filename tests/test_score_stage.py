@@ -17,7 +17,7 @@ import zarr
 from batctl.scorestore import SCORED, UNREADABLE, ScoreStore
 from batctl.tiny import build_tiny_lm
 
-from .lm_fixtures import color_records, mixed_pool_lines, write_jsonl
+from .lm_fixtures import color_records, write_jsonl, write_two_part_pool
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     lm = build_tiny_lm(root / "lm", seed=0)
     domain = write_jsonl(root / "domain.jsonl", color_records(10, seed=1))
-    rng = np.random.default_rng(0)
-    parts = []
-    for p in range(2):
-        lines = mixed_pool_lines(30, 10 + p, rng)
-        if p == 1:
-            lines.insert(7, "{not json")
-        (root / f"pool-{p}.jsonl").write_text("\n".join(lines) + "\n")
-        parts.append(root / f"pool-{p}.jsonl")
+    pool = write_two_part_pool(root)
     result = CliRunner().invoke(
         app,
         [
@@ -62,7 +55,7 @@ def setup(tmp_path_factory):
         "lm": lm,
         "domain": domain,
         "sur": root / "sur",
-        "pool": str(root / "pool-{0..1}.jsonl"),
+        "pool": pool,
     }
 
 

@@ -84,24 +84,27 @@ def record(domain: str, index: int, text: str) -> dict[str, str]:
     return {"id": f"{domain}-{index:05d}", "text": text}
 
 
-def split(corpus: list[Paragraph], seed: int) -> dict[str, list[dict[str, str]]]:
-    """Held-out, adaptation, oracle and pool records (see the module docstring)."""
+def split(
+    corpus: list[Paragraph], seed: int, target_domain: str = TARGET
+) -> dict[str, list[dict[str, str]]]:
+    """Held-out, adaptation, oracle and pool records (see the module docstring) for the
+    ``target_domain`` (any domain of the corpus with enough paragraphs)."""
     rng = random.Random(seed)
     by_domain: dict[str, list[dict[str, str]]] = {}
     for p in corpus:
         rows = by_domain.setdefault(p.domain, [])
         rows.append(record(p.domain, len(rows), p.text))
-    target = list(by_domain.get(TARGET, []))
+    target = list(by_domain.get(target_domain, []))
     if len(target) < N_ADAPTATION + N_HELDOUT + N_ADAPTATION:
         raise BatctlError(
-            f"the standard library has only {len(target)} {TARGET} docstring paragraphs; the "
+            f"the standard library has only {len(target)} {target_domain} docstring paragraphs; the "
             f"LM demo needs {2 * N_ADAPTATION + N_HELDOUT}"
         )
     rng.shuffle(target)
     heldout = target[:N_HELDOUT]
     adaptation = target[N_HELDOUT : N_HELDOUT + N_ADAPTATION]
     in_pool = target[N_HELDOUT + N_ADAPTATION :]
-    pool = [r for d, rows in by_domain.items() if d != TARGET for r in rows] + in_pool
+    pool = [r for d, rows in by_domain.items() if d != target_domain for r in rows] + in_pool
     rng.shuffle(pool)
     return {
         "heldout": heldout,
@@ -191,9 +194,9 @@ def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
     }
 
 
-def build(work: Path, corpus: list[Paragraph], seed: int) -> World:
-    """Write the LM world into ``work`` (data files, pretrained backbone); return it."""
-    parts = split(corpus, seed)
+def build(work: Path, corpus: list[Paragraph], seed: int, target: str = TARGET) -> World:
+    """Write the LM world of ``target`` into ``work`` (data files, pretrained backbone)."""
+    parts = split(corpus, seed, target)
     data = work / "data"
     data.mkdir()
     pool_rows = parts["pool"]
@@ -211,16 +214,18 @@ def build(work: Path, corpus: list[Paragraph], seed: int) -> World:
         heldout=write_jsonl(data / "heldout.jsonl", parts["heldout"]),
         oracle=write_jsonl(data / "oracle.jsonl", parts["oracle"]),
         pool=pool,
-        target=TARGET,
+        target=target,
         pool_domains=dict(Counter(World.domain_of(r["id"]) for r in pool_rows)),
         data_flags={"max_length": MAX_TOKENS},
         pretraining=stats,
     )
 
 
-def lm_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]:
-    """The LM demo world for ``seed``, from the cache or built now (about a minute and a half
-    on 2 cores). Returns the world and whether it was built now."""
+def lm_world(seed: int = 0, cache: Path | None = None, target: str = TARGET) -> tuple[World, bool]:
+    """The LM demo world for ``seed`` and ``target`` domain, from the cache or built now (about
+    a minute and a half on 2 cores). Each target domain has its own backbone, pretrained on its
+    own pool, so that domain's held-out paragraphs are never in pretraining. Returns the world
+    and whether it was built now."""
     from batctl import __version__
     from batctl.tiny import _library_versions
 
@@ -231,7 +236,7 @@ def lm_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]:
         "recipe": VERSION,
         "seed": seed,
         "recipe_details": {
-            "target": TARGET,
+            "target": target,
             "n": [N_ADAPTATION, N_HELDOUT, POOL_PARTS, MAX_TOKENS, VOCAB],
             "backbone": BACKBONE,
             "pretrain": PRETRAIN,
@@ -240,5 +245,5 @@ def lm_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]:
         "batctl": __version__,
         "libraries": _library_versions(),
     }
-    world, built = cached_world("lm", params, lambda work: build(work, corpus, seed), cache)
+    world, built = cached_world("lm", params, lambda work: build(work, corpus, seed, target), cache)
     return world.with_recipe(RECIPE), built

@@ -13,21 +13,17 @@ from batctl.demo.world import World
 from batctl.selection import value_name
 
 
-def adapter_label(
-    strategy: str, gamma: float | None = None, preconditioner: str | None = None
-) -> str:
-    """The train directory name (and eval row label) of one adapter."""
+def adapter_label(strategy: str, gamma: float | None = None) -> str:
+    """The train directory name (and eval row label) of one adapter: none, random-g0.5, or a
+    method's name and γ (influence-g0.5, bm25-g0.5)."""
     if strategy == "none":
         return "none"
-    if strategy == "random":
-        return f"random-g{gamma}"
-    return f"albat-{preconditioner}-g{gamma}"
+    return f"{strategy}-g{gamma}"
 
 
-def selection_dir(out: Path, strategy: str, gamma: float, preconditioner: str | None) -> Path:
+def selection_dir(out: Path, strategy: str, gamma: float) -> Path:
     """Where the demo's select stage wrote the selection an adapter was trained with."""
-    parent = "select-random" if strategy == "random" else f"select-albat-{preconditioner}"
-    return out / parent / value_name("gamma", gamma)
+    return out / f"select-{strategy}" / value_name("gamma", gamma)
 
 
 def target_share(selection: Path, world: World) -> tuple[int, float | None]:
@@ -40,27 +36,26 @@ def target_share(selection: Path, world: World) -> tuple[int, float | None]:
 
 
 def collect(
-    world: World, out: Path, gammas: Sequence[float], preconditioners: Sequence[str], seed: int
+    world: World, out: Path, gammas: Sequence[float], methods: Sequence[str], seed: int
 ) -> dict[str, Any]:
     """Every adapter's held-out loss, weight difference to θ* (final and per step), training
     loss curve and selection make-up, from the eval, train and select outputs under ``out``."""
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
-    plan: list[tuple[str, float | None, str | None]] = [("none", None, None)]
+    plan: list[tuple[str, float | None]] = [("none", None)]
     for g in gammas:
-        plan.append(("random", g, None))
-        plan += [("albat", g, p) for p in preconditioners]
+        plan.append(("random", g))
+        plan += [(m, g) for m in methods]
     rows = []
-    for strategy, gamma, preconditioner in plan:
-        label = adapter_label(strategy, gamma, preconditioner)
+    for strategy, gamma in plan:
+        label = adapter_label(strategy, gamma)
         row = metrics[label]
         count, share = 0, None
         if strategy != "none":
-            count, share = target_share(selection_dir(out, strategy, gamma, preconditioner), world)
+            count, share = target_share(selection_dir(out, strategy, gamma), world)
         rows.append(
             {
                 "adapter": label,
                 "strategy": strategy,
-                "preconditioner": preconditioner,
                 "gamma": gamma,
                 "selected": count,
                 "target_share": share,
@@ -82,7 +77,7 @@ def collect(
         "backbone_heldout_loss": metrics.get("backbone", {}).get("heldout_loss"),
         "oracle_heldout_loss": metrics.get("oracle", {}).get("heldout_loss"),
         "rows": rows,
-        "scores": {p: str(out / f"scores-{p}") for p in preconditioners},
+        "scores": {m: str(out / f"scores-{m}") for m in methods},
     }
 
 
@@ -244,7 +239,7 @@ def plot_curves(results: dict[str, Any], key: str, path: Path) -> None:
 
 
 def plot_scores(results: dict[str, Any], path: Path) -> None:
-    """Histogram of the pool's influence scores, target domain against the rest."""
+    """Histogram of each method's pool scores, target domain against the rest."""
     import numpy as np
 
     from batctl.scorestore import SCORED, ScoreStore
@@ -261,7 +256,7 @@ def plot_scores(results: dict[str, Any], path: Path) -> None:
         bins = np.histogram_bin_edges(scores, bins=60)
         ax.hist(scores[~target], bins=bins, alpha=0.6, label="other domains", log=True)
         ax.hist(scores[target], bins=bins, alpha=0.8, label=results["target"], log=True)
-        ax.set_title(f"influence scores ({name})")
+        ax.set_title(f"{name} scores")
         ax.set_xlabel("score")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -143,6 +143,15 @@ class Task(abc.ABC):
         samples of a similar size together and pad less; 0 when every sample costs the same."""
         return 0
 
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One vector per sample of `batch` from the model as loaded now, shape [B, H], float32:
+        what the `embed` selection method compares by cosine. Families without one say so."""
+        from batctl.errors import UsageError
+
+        raise UsageError(
+            f"--method embed: the {self.family} family has no backbone embedding; use another --method"
+        )
+
     def remove_adapter(self) -> None:
         """Take the adapter off without merging it, leaving the bare frozen backbone."""
         from peft import PeftModel

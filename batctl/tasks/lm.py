@@ -242,6 +242,17 @@ class LMTask(Task):
         total, counts = self.token_nll(batch)
         return total / counts.clamp(min=1)
 
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The last hidden layer, averaged over each sample's tokens (padding excluded)."""
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
     # ------------------------------------------------------------------ eval
 
     def family_metrics(

@@ -1,0 +1,49 @@
+"""Selection methods (DESIGN §5b): each writes the same score store, one score per pool row.
+
+| method | what ranks the pool | needs |
+|---|---|---|
+| `influence` | Σ_l r_l · ∇_l L(x) at the surrogate (DESIGN §5) | --surrogate |
+| `bm25` | BM25 of each adaptation text as a query, summed | text / captions |
+| `tfidf` | TF-IDF cosine to the adaptation centroid | text / captions |
+| `dsir` | DSIR's hashed n-gram log importance weight | text / captions |
+| `embed` | backbone embedding cosine to the adaptation centroid | the backbone |
+| `hybrid` | the --prefilter's top --candidates, re-ranked by influence | --surrogate |
+| `fusion` | the sum of the z-scores of influence, bm25 and tfidf | --surrogate |
+"""
+
+from __future__ import annotations
+
+from batctl.methods.base import Method, Result, Scorer, text_of
+
+METHODS = ("influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion")
+SURROGATE_METHODS = ("influence", "hybrid", "fusion")
+"""Methods that read --surrogate (the others need no surrogate and no backward pass)."""
+
+
+def make_method(name: str) -> Method:
+    """The method called `name` (one of METHODS)."""
+    if name == "influence":
+        from batctl.methods.influence import Influence
+
+        return Influence()
+    if name == "fusion":
+        from batctl.methods.fusion import Fusion
+
+        return Fusion()
+    if name == "hybrid":
+        from batctl.methods.hybrid import Hybrid
+
+        return Hybrid()
+    if name == "embed":
+        from batctl.methods.embed import Embed
+
+        return Embed()
+    from batctl.methods import lexical
+
+    classes = {"bm25": lexical.Bm25, "tfidf": lexical.Tfidf, "dsir": lexical.Dsir}
+    if name not in classes:
+        raise ValueError(f"unknown method {name!r}")
+    return classes[name]()
+
+
+__all__ = ["METHODS", "SURROGATE_METHODS", "Method", "Result", "Scorer", "make_method", "text_of"]

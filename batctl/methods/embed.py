@@ -1,0 +1,95 @@
+"""Embedding retrieval as a score-store method: cosine between a pool sample's embedding and the
+centroid of the adaptation samples' embeddings, from the bare backbone (`Task.embed`: an LM's
+last hidden layer averaged over tokens). No surrogate, no backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batctl.data import Sample
+from batctl.methods.base import Method, Result, Scorer
+from batctl.methods.influence import batches_by_size
+from batctl.methods.lexical import STATE, load_state, save_state
+
+log = logging.getLogger("batctl.score")
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms > 0, norms, 1.0)
+
+
+def embed_samples(task: Any, samples: Sequence[Sample], role: str, batch_size: int) -> np.ndarray:
+    """f64[len(samples), H]: `task.embed` of every sample, batched by size, in input order."""
+    import torch
+
+    out: list[np.ndarray | None] = [None] * len(samples)
+    with torch.no_grad():
+        for batch in batches_by_size(task, samples, batch_size):
+            vectors = task.embed(task.collate([samples[i] for i in batch], role))
+            for i, row in zip(batch, vectors.double().cpu().numpy(), strict=True):
+                out[i] = row
+    return np.stack(out) if out else np.zeros((0, 0))
+
+
+class EmbedScorer(Scorer):
+    def __init__(self, task: Any, direction: np.ndarray, n: int, batch_size: int) -> None:
+        self.task, self.direction, self.batch_size = task, direction, batch_size
+        self.n_adaptation = n
+
+    def score(self, samples: Sequence[Sample], rows: Sequence[int]) -> list[Result]:
+        from batctl.errors import BadSampleError
+
+        results: list[Result] = []
+        try:
+            values = unit_rows(embed_samples(self.task, samples, "pool", self.batch_size))
+        except BadSampleError:  # one sample the task cannot take: score the rest one by one
+            for sample, row in zip(samples, rows, strict=True):
+                try:
+                    results += self.score([sample], [row])
+                except BadSampleError:
+                    log.warning(
+                        "skipped %s: the %s task cannot take it", sample.key, self.task.family
+                    )
+                    results.append(None)
+            return results
+        return [(float(v), None) for v in values @ self.direction]
+
+
+class Embed(Method):
+    name = "embed"
+
+    def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
+        from batctl.samples import load_samples
+        from batctl.tasks import load_task
+
+        task = load_task(config.task_settings(), config.task)
+        task.model.eval()
+        path = work / STATE
+        if not path.is_file():
+            spec, flag = (
+                (config.target, "--target")
+                if config.target is not None
+                else (config.data, "--data")
+            )
+            adaptation = load_samples(
+                spec, flag=flag, strict=config.strict, paragraphs=config.paragraphs
+            )
+            vectors = unit_rows(embed_samples(task, adaptation, "adaptation", config.batch_size))
+            centroid = vectors.mean(axis=0)
+            norm = np.linalg.norm(centroid)
+            save_state(
+                path,
+                {"direction": centroid / norm if norm > 0 else centroid},
+                {"n_adaptation": len(adaptation)},
+            )
+            log.info("embed: centroid of %d adaptation embeddings", len(adaptation))
+        arrays, meta = load_state(path)
+        return EmbedScorer(task, arrays["direction"], int(meta["n_adaptation"]), config.batch_size)
