@@ -30,6 +30,11 @@ class DemoConfig(OutputOptions):
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def shared_fields(cls) -> set[str]:
+        """None: the demo reads only its own [demo] table of a pipeline TOML."""
+        return set()
+
     out: Path | None = Path("runs/demo")
     """Output directory for the demo's artifacts and report."""
 

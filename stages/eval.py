@@ -26,6 +26,10 @@ class EvalConfig(DataOptions):
     """Evaluate one or more adapters; the bare backbone is always a row."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "adapter", "data", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "data", "adapter", "batch_size")
+
+    data: str | None = None
+    """Held-out data (not D_A): a JSON/JSONL/text file, a webdataset tar or an image folder."""
 
     adapter: tuple[Path, ...] = ()
     """Adapter directories to evaluate."""

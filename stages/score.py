@@ -19,6 +19,7 @@ class ScoreConfig(DataOptions):
     """Score every pool sample against the adaptation set, resumably."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "surrogate", "data", "pool", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size")
 
     surrogate: Path | None = None
     """Surrogate adapter directory (the output of `batctl surrogate`)."""

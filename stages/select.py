@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from batctl.config import OutputOptions
+from batctl.config import OutputOptions, flag_name
 from batctl.errors import BatctlError
 
 log = logging.getLogger("batctl.select")
@@ -46,6 +46,7 @@ class SelectConfig(OutputOptions):
     """Select pool samples from a finished score store."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("scores", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size", "seed")
 
     scores: Path | None = None
     """Score directory (the output of `batctl score`)."""
@@ -71,14 +72,17 @@ class SelectConfig(OutputOptions):
     allow_partial: bool = False
     """Select from a store whose chunks are not all done."""
 
+    prop2: bool = False
+    """Add the Proposition 2 report for every selection (loads the model: needs --model, --surrogate and --data)."""
+
     model: str | None = None
-    """Backbone, for the Proposition 2 report and --gamma auto."""
+    """Backbone, for --prop2 and --gamma auto (unused otherwise)."""
 
     surrogate: Path | None = None
-    """Surrogate adapter, for the Proposition 2 report and --gamma auto."""
+    """Surrogate adapter, for --prop2 and --gamma auto (unused otherwise)."""
 
     data: str | None = None
-    """Adaptation set, for the Proposition 2 report and --gamma auto."""
+    """Adaptation set D_A, for --prop2 and --gamma auto (unused otherwise)."""
 
     damping: float | None = None
     """c in Proposition 2's λ = c · mean ||g||² / D_l; default: the score run's --damping."""
@@ -89,10 +93,21 @@ class SelectConfig(OutputOptions):
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code (Proposition 2 loads the model)."""
 
+    @property
+    def loads_model(self) -> bool:
+        """Whether this run computes Proposition 2 (--prop2 or --gamma auto): only then are
+        --model, --surrogate and --data read."""
+        return self.prop2 or parse_gammas(self.gamma)[1]
+
     def params(self) -> dict[str, Any]:
         """As recorded in the manifest, with the values in canonical form: `--gamma 0.75,0.5`,
-        `--gamma 0.5 --gamma 0.75` and `--gamma .5,.75` are the same run (up to date)."""
+        `--gamma 0.5 --gamma 0.75` and `--gamma .5,.75` are the same run (up to date). The
+        Proposition 2 flags are left out when unused, so a pipeline TOML's shared `model` does
+        not make a selection look out of date."""
         out = super().params()
+        if not self.loads_model:
+            for name in PROP2_FIELDS:
+                out.pop(name, None)
         gammas, auto, _ = parse_gammas(self.gamma)
         out["gamma"] = [repr(g) for g in gammas] + (["auto"] if auto else [])
         out["count"] = sorted(set(self.count))
@@ -109,12 +124,14 @@ class SelectConfig(OutputOptions):
             out.append("--count values must be >= 1")
         if any(not math.isfinite(t) for t in self.threshold):
             out.append("--threshold values must be finite numbers")
-        if auto and not (self.model and self.surrogate and self.data):
-            out.append("--gamma auto needs --model, --surrogate and --data")
-        elif any((self.model, self.surrogate, self.data)) and not all(
-            (self.model, self.surrogate, self.data)
-        ):
-            out.append("the Proposition 2 report needs all of --model, --surrogate and --data")
+        missing = [
+            flag_name(name) for name in ("model", "surrogate", "data") if not getattr(self, name)
+        ]
+        if missing and (auto or self.prop2):
+            asked = "--gamma auto" if auto else "--prop2"
+            out.append(
+                f"{asked} needs --model, --surrogate and --data; missing: {', '.join(missing)}"
+            )
         if auto and self.strategy == "none":
             out.append("--gamma auto needs --strategy albat or random (none selects nothing)")
         if self.damping is not None and self.damping <= 0:
@@ -124,6 +141,8 @@ class SelectConfig(OutputOptions):
         return out
 
 
+PROP2_FIELDS = ("model", "surrogate", "data", "damping", "batch_size", "trust_remote_code")
+"""Select's flags that only Proposition 2 (--prop2, --gamma auto) reads."""
 SAMPLES_TAR = "samples.tar"
 SELECTION_JSON = "selection.json"
 PREVIEW_TEXTS = 100
@@ -163,7 +182,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     if pool_paths:
         inputs["pool"] = describe_data(pool_paths, fp)
     surrogate = None
-    if config.model is not None:
+    if config.loads_model:
         model = describe_input(config.model, fp)
         recorded = source.inputs.get("model")
         if isinstance(recorded, dict) and recorded.get("fingerprint") != model["fingerprint"]:
@@ -220,7 +239,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
                 )
         reports: dict[str, Any] = {}
         auto_report = None
-        if config.model is not None:
+        if config.loads_model:
             reports, auto_report = proposition2(config, source, plan, fetch, surrogate, auto)
         top_level = not plan.values  # --strategy none alone: --out is the (empty) selection
         write_tars(out.work, plan, fetch, top_level)
