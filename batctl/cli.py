@@ -97,10 +97,22 @@ def _invoke(action: Callable[[], dict[str, Any] | None], as_json: bool, debug: b
         print_result(result, as_json)
 
 
+def default_text(value: Any) -> str | None:
+    """How help shows a default, the same for every flag: `(default: 0.5,0.75,0.9)`, never a
+    Python repr; None for no default (and for switches, which are off unless given)."""
+    if value is None or value == () or isinstance(value, bool):
+        return None
+    if isinstance(value, tuple | list):
+        return ",".join(default_text(v) or "" for v in value)
+    if isinstance(value, Path):
+        return value.as_posix()
+    return str(value)
+
+
 def _option_help(spec: FieldSpec) -> str:
     parts = [spec.doc]
-    if spec.default not in (None, (), False):
-        shown = spec.default.as_posix() if isinstance(spec.default, Path) else spec.default
+    shown = default_text(spec.default)
+    if shown is not None:
         parts.append(f"(default: {shown})")
     if spec.multiple:
         parts.append("Repeatable.")
@@ -237,7 +249,11 @@ for _name, (_cls, _help) in STAGES.items():
 
 @app.command("info")
 def info_command(
-    path: Path = typer.Argument(..., help="An output directory, a model directory or a pool file."),
+    path: Path = typer.Argument(
+        ...,
+        metavar="PATH",
+        help="An output directory, a model directory, or pool data (a file, a directory, a brace pattern).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -262,7 +278,9 @@ def tiny_command(
     directory: Path = typer.Argument(
         ..., metavar="DIR", help="Where to save it (save_pretrained layout)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+    seed: int = typer.Option(
+        0, "--seed", metavar="INT", show_default=False, help="Seed for the random weights. (default: 0)"
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
@@ -279,9 +297,30 @@ def tiny_command(
     _invoke(action, json_output, debug)
 
 
+class _PlainArgument(typer.core.TyperArgument):
+    """A positional argument shown as `PATH` in usage and help, as options show their
+    metavars: no `{path}` braces, no `<path>` type after the name."""
+
+    def display_type_rich(self, ctx: Any) -> None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.display_name_raw
+
+
+def command_group() -> Any:
+    """The click group behind `app`, with plain positional arguments in help."""
+    group = typer.main.get_command(app)
+    for command in group.commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if type(param) is typer.core.TyperArgument:
+                param.__class__ = _PlainArgument
+    return group
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    command_group()()
 
 
 if __name__ == "__main__":
