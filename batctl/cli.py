@@ -279,7 +279,11 @@ def tiny_command(
         ..., metavar="DIR", help="Where to save it (save_pretrained layout)."
     ),
     seed: int = typer.Option(
-        0, "--seed", metavar="INT", show_default=False, help="Seed for the random weights. (default: 0)"
+        0,
+        "--seed",
+        metavar="INT",
+        show_default=False,
+        help="Seed for the random weights. (default: 0)",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -17,7 +17,6 @@ from typing import Any, ClassVar, Literal
 from batctl.stages.select import parse_gammas
 
 from batctl.config import OutputOptions
-from batctl.selection import value_name
 
 log = logging.getLogger("batctl.demo")
 
@@ -68,6 +67,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end into --out; returns the results table and where the report is."""
     from batctl.demo import build_world
     from batctl.demo.report import collect, write_report
+    from batctl.selection import value_name  # numpy: not at import, so --help starts fast
 
     # setup
     out = Path(config.out or "runs/demo")
