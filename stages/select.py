@@ -34,7 +34,8 @@ def parse_gammas(values: tuple[str, ...]) -> tuple[list[float], bool, list[str]]
                 continue
             if not 0 < gamma < 1:
                 problems.append(
-                    f"--gamma: {item} is outside (0, 1); γ = n/k is D_A's share of the augmented set"
+                    f"--gamma: {item} is outside (0, 1); γ = n / (n + m) is D_A's share of the "
+                    "augmented set (n adaptation samples, m pool samples added)"
                 )
             else:
                 gammas.append(gamma)
@@ -52,7 +53,7 @@ class SelectConfig(OutputOptions):
     """Score directory (the output of `batctl score`)."""
 
     gamma: tuple[str, ...] = ()
-    """γ = n/k, D_A's share of the augmented set: comma-separated or repeated, or auto (needs --model)."""
+    """γ = n / (n + m), D_A's share of the augmented set (n adaptation samples, m pool samples added; 0.75 with n = 30 adds m = 10): comma-separated or repeated, or auto (needs --model, --surrogate, --data)."""
 
     count: tuple[int, ...] = ()
     """Select exactly K pool samples."""
@@ -233,7 +234,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
         for value in plan.values:
             if value.count == 0 and config.strategy != "none":
                 log.warning(
-                    "%s selects no pool samples (n = %d: k rounds to 0 or no score reaches it)",
+                    "%s selects no pool samples (n = %d: m rounds to 0 or no score reaches it)",
                     value.name,
                     plan.n,
                 )
@@ -271,10 +272,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
             )
             write_manifest(directory, out, value.name)
             log.info(
-                "%s: %d pool samples, γ = %.4g%s",
-                value.name,
-                value.count,
-                value.gamma,
+                "%s%s",
+                gamma_summary(value, plan.n),
                 ""
                 if value.name not in reports
                 else f"; Proposition 2 {'holds' if reports[value.name]['holds'] else 'does not hold'}",
@@ -295,14 +294,37 @@ def run(config: SelectConfig) -> dict[str, Any]:
             "n_adaptation": plan.n,
             "eligible": plan.eligible,
             "selections": {
-                name: {k: entry[k] for k in ("gamma", "count", "holds") if k in entry}
+                name: {
+                    k: entry[k]
+                    for k in ("gamma", "gamma_requested", "count", "holds")
+                    if entry.get(k) is not None
+                }
                 for name, entry in summary["selections"].items()
             },
         }
+        if plan.duplicate_keys or plan.duplicate_content:
+            # eligible counts rows before dedupe: say how many of them were dropped
+            result["duplicates_dropped"] = plan.duplicate_keys + plan.duplicate_content
         if auto_report is not None:
             result["auto_gamma"] = auto_report["gamma"]
         out.extra["summary"] = result
     return result
+
+
+def pool_samples(m: int) -> str:
+    """`1 pool sample`, `4 pool samples`."""
+    return f"{m} pool sample{'' if m == 1 else 's'}"
+
+
+def gamma_summary(value: Any, n: int) -> str:
+    """One selection in the γ = n / (n + m) notation, with the γ asked for when the γ achieved
+    differs (m is a whole number of samples): `gamma-0.75: m = 2 pool samples added to n = 5,
+    γ = 0.714 (asked 0.75)`."""
+    text = f"{value.name}: m = {pool_samples(value.count)} added to n = {n}, γ = {value.gamma:.4g}"
+    asked = value.requested if value.kind in ("gamma", "auto") else None
+    if asked is not None and abs(float(asked) - value.gamma) > 5e-5:
+        text += f" (asked {float(asked):.4g}; m is rounded to whole samples)"
+    return text
 
 
 # ------------------------------------------------------------------------------ pool access
@@ -454,7 +476,7 @@ def proposition2(
             )
             value = Value("auto", None, 0, plan.n)
         else:
-            log.info("--gamma auto: Proposition 2 holds from γ = %s (k = %d)", *chosen)
+            log.info("--gamma auto: Proposition 2 holds from γ = %s (m = %d)", *chosen)
             value = Value("auto", chosen[0], chosen[1], plan.n)
         plan.values.append(value)
         reports[value.name] = prop2.report(grams, value.count, cache)
@@ -559,6 +581,7 @@ def selection_payload(
         "value": value.name if value is not None else None,
         "strategy": plan.strategy,
         "gamma": value.gamma if value is not None else 1.0,
+        "gamma_definition": "n / (n + m): n = n_adaptation, m = count (pool samples added)",
         "gamma_requested": (
             value.requested if kind == "gamma" else "auto" if kind == "auto" else None
         ),
@@ -590,9 +613,11 @@ def write_preview(directory: Path, value: Any, plan: Any, fetch: Fetcher | None)
         contact_sheet(directory / "contact_sheet.png", images, plan)
         return
     name = value.name if value is not None else "selection"
-    lines = [f"# {name}: {count} pool samples ({plan.strategy})", ""]
+    lines = [f"# {name}: {pool_samples(count)} ({plan.strategy})", ""]
     if value is not None:
-        lines.append(f"γ = {value.gamma:.4g} (n = {plan.n}, k = {count})")
+        lines.append(f"γ = n / (n + m) = {plan.n} / ({plan.n} + {count}) = {value.gamma:.4g}")
+        if value.kind in ("gamma", "auto") and value.requested is not None:
+            lines[-1] += f" (asked {float(value.requested):.4g})"
         lines.append("")
     if not samples:
         lines.append("No pool samples selected: training on this selection is plain adaptation.")
