@@ -55,12 +55,42 @@ def progress_interval() -> float:
     return value if value >= 0 else DEFAULT_PROGRESS_INTERVAL
 
 
+UNACTIONABLE = {
+    # batctl loads CLIP's image processor only to build tiny pipelines and feature models; the
+    # PIL backend it falls back to is what it wants, and torchvision is not a dependency.
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+    # batctl tokenizes whole texts, then truncates to --max-length itself and counts the
+    # truncated samples: the model never sees the long sequence this warns about.
+    "transformers.tokenization_utils_base": "Token indices sequence length is longer",
+}
+"""Third-party log messages a batctl user cannot act on: logger name -> message fragment."""
+
+
+class _DropFragment(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def silence_unactionable_warnings() -> None:
+    """Drop the third-party messages in UNACTIONABLE (nothing else), without importing the
+    libraries: a filter on each named logger. Idempotent."""
+    for name, fragment in UNACTIONABLE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropFragment) for f in logger.filters):
+            logger.addFilter(_DropFragment(fragment))
+
+
 def setup_logging(debug: bool = False) -> None:
     """Send batctl's log records to stderr, INFO and up (DEBUG with --debug).
 
     On a terminal through rich; otherwise as plain `LEVEL message` lines, never wrapped, so CI
     logs can be grepped one event per line.
     """
+    silence_unactionable_warnings()
     logger = logging.getLogger("batctl")
     logger.handlers.clear()
     handler: logging.Handler
