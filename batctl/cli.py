@@ -266,8 +266,6 @@ def info_command(
             print_result(description, as_json=True)
         else:
             render(description)
-        if description["state"] == "absent":
-            raise BatctlError(f"{path}: nothing there")
 
     _invoke(action, json_output, debug)
 
