@@ -267,9 +267,13 @@ def run(config: EvalConfig) -> dict[str, Any]:
         )
         task = load_task(config.task_settings(), config.task)
         reference = None
+        reference_loss = None
         if config.reference is not None:
             load_adapter(task, config.reference)
             reference = task.adapter_state()
+            task.model.eval()
+            # the oracle's own held-out loss: the plot's lower reference line
+            reference_loss = heldout_loss(task, heldout, options.batch_size)
             unload_adapter(task, config.reference)
         # loop: the bare backbone, then each adapter on it in turn
         from batctl.console import progress_bar
@@ -321,13 +325,14 @@ def run(config: EvalConfig) -> dict[str, Any]:
                 "reference": str(Path(config.reference).resolve())
                 if config.reference is not None
                 else None,
+                "reference_heldout_loss": reference_loss,
                 "family": task.family,
                 "counters": counters,
                 "notes": notes,
             },
         )
         (out.work / "report.md").write_text(render_report(rows, context, notes), encoding="utf-8")
-        plot_heldout(rows, out.work / "heldout_loss.png")
+        plot_heldout(rows, out.work / "heldout_loss.png", reference=reference_loss)
         if reference is not None:
             plot_weight_diff(rows, out.work / "weight_diff.png")
         summary = {

@@ -44,7 +44,7 @@ def _params() -> list:
         if first in NOT_RUN:
             continue
         marks = [pytest.mark.slow] if first.startswith(SLOW) else []
-        params.append(pytest.param(i, block, id=f"block{i}-{first.split()[1]}", marks=marks))
+        params.append(pytest.param(i, block, id=f"block{i}-" + "-".join(first.split()[1:3]), marks=marks))
     return params
 
 
@@ -97,3 +97,17 @@ def test_readme_block_runs_as_written(index: int, block: str, workdir: Path) -> 
         assert again.returncode == 0
         outputs = len(re.findall(r"--out ", block)) + len(re.findall(r"^batctl tiny ", block, re.M))
         assert again.stderr.count("is up to date") == outputs, again.stderr
+
+
+def test_the_readme_pipeline_toml_parses_for_every_stage(tmp_path: Path) -> None:
+    from batctl.cli import build_config
+
+    text = README.read_text(encoding="utf-8")
+    (toml,) = re.findall(r"^ *```toml\n(.*?)^ *```", text, re.S | re.M)
+    path = tmp_path / "pipeline.toml"
+    path.write_text("\n".join(line.strip() for line in toml.splitlines()) + "\n")
+    for stage in ("surrogate", "score", "select", "train", "eval"):
+        config = build_config(stage, {}, path)
+        assert config.out is not None
+    assert build_config("eval", {}, path).data.endswith("heldout.jsonl")
+    assert not build_config("select", {}, path).loads_model
