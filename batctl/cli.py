@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from batctl import __version__
-from batctl.config import FieldSpec, field_specs, flag_name, read_toml
+from batctl.config import FieldSpec, field_specs, flag_name, name_the_source, read_toml
 from batctl.console import error, print_result, setup_logging, stderr
 from batctl.errors import BatctlError, UpToDate, UsageError
 from batctl.stages.demo import DemoConfig
@@ -171,34 +171,6 @@ def _common_parameters() -> list[inspect.Parameter]:
     ]
 
 
-def source_note(
-    message: str, config: Any, cli_values: dict[str, Any], config_file: Path | None
-) -> str:
-    """An error message from a stage, with the flag behind it named when it does not say: the
-    flag whose value the message quotes, and the --config file when the value came from there
-    (`data spec 'domain.jsonl' matches no files (--data, set in pipeline.toml)`)."""
-    from batctl.config import name_the_file
-
-    given = {k for k, v in cli_values.items() if v not in (None, (), [])}
-    from_file = set()
-    if config_file is not None and config is not None:
-        from_file = {spec.name for spec in field_specs(type(config))} - given
-    if "--" in message:
-        return name_the_file(message, from_file, config_file) if from_file else message
-    best = None
-    for spec in field_specs(type(config)) if config is not None else ():
-        value = getattr(config, spec.name)
-        for item in value if isinstance(value, tuple) else (value,):
-            text = item.as_posix() if isinstance(item, Path) else item
-            if isinstance(text, str) and len(text) > 2 and text in message:
-                if best is None or len(text) > len(best[1]):
-                    best = (spec.name, text)
-    if best is None:
-        return message
-    where = f", set in {config_file}" if best[0] in from_file else ""
-    return f"{message} ({flag_name(best[0])}{where})"
-
-
 def build_config(name: str, cli_values: dict[str, Any], config_file: Path | None) -> Any:
     """Parse one stage's flags (command line over TOML) into its config; UsageError lists every problem."""
     config_cls = STAGES[name][0]
@@ -229,7 +201,7 @@ def _register_stage(name: str, config_cls: type, help_text: str) -> None:
             except BatctlError as exc:
                 lines = str(exc).splitlines()
                 if lines:
-                    noted = source_note(lines[0], config, kwargs, config_file)
+                    noted = name_the_source(lines[0], config, kwargs, config_file)
                     if noted != lines[0]:
                         exc.args = ("\n".join([noted, *lines[1:]]),)
                 raise

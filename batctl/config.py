@@ -252,6 +252,32 @@ def name_the_file(message: str, from_file: set[str], path: Path | str) -> str:
     return f"{message} ({', '.join(named)} set in {path})"
 
 
+def name_the_source(
+    message: str, config: Any, cli_values: dict[str, Any], config_file: Path | None
+) -> str:
+    """An error message from a stage, with the flag behind it named when it does not say: the
+    flag whose value the message quotes, and the --config file when the value came from there
+    (`data spec 'domain.jsonl' matches no files (--data, set in pipeline.toml)`)."""
+    given = {k for k, v in cli_values.items() if v not in (None, (), [])}
+    from_file = set()
+    if config_file is not None and config is not None:
+        from_file = {spec.name for spec in field_specs(type(config))} - given
+    if "--" in message:
+        return name_the_file(message, from_file, config_file) if from_file else message
+    best = None
+    for spec in field_specs(type(config)) if config is not None else ():
+        value = getattr(config, spec.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            text = item.as_posix() if isinstance(item, Path) else item
+            if isinstance(text, str) and len(text) > 2 and text in message:
+                if best is None or len(text) > len(best[1]):
+                    best = (spec.name, text)
+    if best is None:
+        return message
+    where = f", set in {config_file}" if best[0] in from_file else ""
+    return f"{message} ({flag_name(best[0])}{where})"
+
+
 class StageConfig:
     """Mixin for stage configs: required flags, params for the manifest, validation."""
 
