@@ -44,7 +44,9 @@ def _params() -> list:
         if first in NOT_RUN:
             continue
         marks = [pytest.mark.slow] if first.startswith(SLOW) else []
-        params.append(pytest.param(i, block, id=f"block{i}-" + "-".join(first.split()[1:3]), marks=marks))
+        params.append(
+            pytest.param(i, block, id=f"block{i}-" + "-".join(first.split()[1:3]), marks=marks)
+        )
     return params
 
 
@@ -62,15 +64,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("index", "block"), _params())
-def test_readme_block_runs_as_written(index: int, block: str, workdir: Path) -> None:
+def _run_block(block: str, workdir: Path) -> subprocess.CompletedProcess:
+    """One README block under bash -euo pipefail, with this environment's batctl first on PATH."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    proc = subprocess.run(
+    return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block],
         cwd=workdir,
         env=env,
@@ -78,6 +80,11 @@ def test_readme_block_runs_as_written(index: int, block: str, workdir: Path) -> 
         text=True,
         timeout=900,
     )
+
+
+@pytest.mark.parametrize(("index", "block"), _params())
+def test_readme_block_runs_as_written(index: int, block: str, workdir: Path) -> None:
+    proc = _run_block(block, workdir)
     assert proc.returncode == 0, f"README block {index} failed:\n{block}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr
     for out in re.findall(r"--out (\S+)", block):
@@ -86,14 +93,7 @@ def test_readme_block_runs_as_written(index: int, block: str, workdir: Path) -> 
         metrics = json.loads((workdir / "runs/eval/metrics.json").read_text())
         assert metrics  # the eval row of every adapter, against the oracle
         # and everything is up to date the second time, without loading a model
-        again = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        again = _run_block(block, workdir)
         assert again.returncode == 0
         outputs = len(re.findall(r"--out ", block)) + len(re.findall(r"^batctl tiny ", block, re.M))
         assert again.stderr.count("is up to date") == outputs, again.stderr
