@@ -56,7 +56,7 @@ from batctl.scorestore import SCORED, STATUS_NAMES, ScoreStore
 STRATEGIES = ("albat", "random", "none")
 
 GAMMA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
-"""The γ values `--gamma auto` tries: 0.05, 0.10, ..., 0.95 (k = 19n down to about n/19)."""
+"""The γ values `--gamma auto` tries: 0.05, 0.10, ..., 0.95 (m = 19n down to about n/19 pool samples)."""
 
 TARGET = "target.safetensors"
 _TARGET_PREFIX = (

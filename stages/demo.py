@@ -41,7 +41,7 @@ class DemoConfig(OutputOptions):
     """Which family's demo to run."""
 
     gamma: tuple[str, ...] = ("0.5", "0.75", "0.9")
-    """Adaptation share γ of each augmented training set (comma lists allowed)."""
+    """γ = n / (n + m) of each augmented training set, D_A's share (m pool samples added; comma lists allowed)."""
 
     preconditioner: tuple[str, ...] = ("woodbury",)
     """Preconditioners to score (and select by) with: woodbury, datainf, identity."""
