@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import inspect
 import re
-import textwrap
 import tomllib
 import types
 import typing
@@ -61,11 +60,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 @functools.cache
 def _own_field_docs(klass: type) -> dict[str, str]:
-    """The field docstrings written in `klass` itself (cached: the CLI asks for every base of
-    every stage config, and each source lookup parses a whole module)."""
+    """The field docstrings written in `klass` itself."""
     docs: dict[str, str] = {}
-    tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    body = _class_bodies(klass.__module__).get(klass.__qualname__, [])
     for stmt, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(stmt, ast.AnnAssign)
@@ -76,6 +73,18 @@ def _own_field_docs(klass: type) -> dict[str, str]:
         ):
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
+
+
+@functools.cache
+def _class_bodies(module_name: str) -> dict[str, list[ast.stmt]]:
+    """Top-level class name -> its body, from one parse of the module's source file (cached:
+    the CLI asks for every config class of every stage at start-up, and `inspect.getsource`
+    would parse and tokenize a whole module for each class)."""
+    import sys
+
+    source = Path(inspect.getfile(sys.modules[module_name])).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 @dataclasses.dataclass(frozen=True)

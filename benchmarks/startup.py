@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "tiny-lm" / "data"
-HEAVY = ("torch", "transformers", "diffusers", "peft")
+HEAVY = ("torch", "transformers", "diffusers", "peft", "pydantic")
 PROBE = (
     "import sys, runpy\n"
     "sys.argv = ['batctl', *sys.argv[1:]]\n"

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from typer.testing import CliRunner
 
-from batctl.cli import STAGES, command_group
+from batctl.cli import STAGES, app
 
 from .select_fixtures import make_score_dir, write_text_pool
 
 COMMANDS = [*STAGES, "info", "tiny"]
-HEAVY = ("torch", "transformers", "diffusers", "peft", "accelerate")
+HEAVY = ("torch", "transformers", "diffusers", "peft", "accelerate", "pydantic")
 PROBE = """
 import json, sys
 from batctl.cli import main
@@ -36,7 +36,7 @@ with open({out!r}, "w") as f:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_defaults_one_way_and_no_python_reprs(command):
-    result = CliRunner().invoke(command_group(), [command, "--help"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     text = result.output
     assert "[default:" not in text  # typer's own style; ours is "(default: ...)"
