@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from batctl import __version__
-from batctl.config import FieldSpec, field_specs, flag_name, read_toml
+from batctl.config import FieldSpec, field_specs, flag_name, name_the_source, read_toml
 from batctl.console import error, print_result, setup_logging, stderr
 from batctl.errors import BatctlError, UpToDate, UsageError
 from batctl.stages.demo import DemoConfig
@@ -30,7 +30,70 @@ from batctl.stages.select import SelectConfig
 from batctl.stages.surrogate import SurrogateConfig
 from batctl.stages.train import TrainConfig
 
+
+class _PlainArgument(typer.core.TyperArgument):
+    """A positional argument shown as `PATH` in usage and help, as options show their
+    metavars: no `{path}` braces, no `<path>` type after the name."""
+
+    def display_type_rich(self, ctx: Any) -> None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        return self.display_name_raw
+
+
+class _ValuesAsParsed:
+    """A flag's value as click parsed it. A stage's config converts and checks every value
+    (`StageConfig.from_sources`: naming the flag, every problem at once), so typer's own
+    coercion would only import pydantic and build one adapter per flag: a third of the CPU of
+    an up-to-date run."""
+
+    def coerce(self, value: Any, param: Any = None, ctx: Any = None) -> Any:
+        return value
+
+
+def _as_parsed(param: Any) -> Any:
+    if param is not None and hasattr(param, "_runtime_param"):
+        param._runtime_param = _ValuesAsParsed()
+    return param
+
+
+class _PlainCommand(typer.core.TyperCommand):
+    """A command whose positional arguments read as plain metavars in help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is typer.core.TyperArgument:
+                param.__class__ = _PlainArgument
+
+
+class _ConfigCommand(_PlainCommand):
+    """A command whose values its own code converts (the stages' configs, info's PATH)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _as_parsed(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _as_parsed(super().get_help_option(ctx))  # a switch: nothing to convert
+
+
+class _Group(typer.core.TyperGroup):
+    """The root: --version and --help are switches, nothing to convert."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _as_parsed(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _as_parsed(super().get_help_option(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="batctl",
     help="Backbone Augmented Training: score a backbone's own pretraining data by influence, "
     "select the samples that help, and train adapters on the augmented set.",
@@ -97,10 +160,22 @@ def _invoke(action: Callable[[], dict[str, Any] | None], as_json: bool, debug: b
         print_result(result, as_json)
 
 
+def default_text(value: Any) -> str | None:
+    """How help shows a default, the same for every flag: `(default: 0.5,0.75,0.9)`, never a
+    Python repr; None for no default (and for switches, which are off unless given)."""
+    if value is None or value == () or isinstance(value, bool):
+        return None
+    if isinstance(value, tuple | list):
+        return ",".join(default_text(v) or "" for v in value)
+    if isinstance(value, Path):
+        return value.as_posix()
+    return str(value)
+
+
 def _option_help(spec: FieldSpec) -> str:
     parts = [spec.doc]
-    if spec.default not in (None, (), False):
-        shown = spec.default.as_posix() if isinstance(spec.default, Path) else spec.default
+    shown = default_text(spec.default)
+    if shown is not None:
         parts.append(f"(default: {shown})")
     if spec.multiple:
         parts.append("Repeatable.")
@@ -162,8 +237,11 @@ def _common_parameters() -> list[inspect.Parameter]:
 def build_config(name: str, cli_values: dict[str, Any], config_file: Path | None) -> Any:
     """Parse one stage's flags (command line over TOML) into its config; UsageError lists every problem."""
     config_cls = STAGES[name][0]
-    known = {spec.name for spec in field_specs(config_cls)}
-    toml = read_toml(config_file, name, known) if config_file is not None else None
+    commands = {
+        command: ({spec.name for spec in field_specs(cls)}, cls.shared_fields())
+        for command, (cls, _) in STAGES.items()
+    }
+    toml = read_toml(config_file, name, commands) if config_file is not None else None
     config, problems = config_cls.from_sources(cli_values, toml, config_file)
     if problems:
         raise UsageError("\n".join(problems))
@@ -175,13 +253,22 @@ def _register_stage(name: str, config_cls: type, help_text: str) -> None:
 
     def command(**kwargs: Any) -> None:
         config_file = kwargs.pop("config_file")
+        config_file = None if config_file is None else Path(config_file)
         as_json = kwargs.pop("json_output")
         debug = kwargs.pop("debug")
 
         def action() -> dict[str, Any] | None:
             config = build_config(name, kwargs, config_file)
             stage = importlib.import_module(f"batctl.stages.{name}")
-            return stage.run(config)
+            try:
+                return stage.run(config)
+            except BatctlError as exc:
+                lines = str(exc).splitlines()
+                if lines:
+                    noted = name_the_source(lines[0], config, kwargs, config_file)
+                    if noted != lines[0]:
+                        exc.args = ("\n".join([noted, *lines[1:]]),)
+                raise
 
         _invoke(action, as_json, debug)
 
@@ -189,16 +276,20 @@ def _register_stage(name: str, config_cls: type, help_text: str) -> None:
         [_option_parameter(s) for s in specs] + _common_parameters()
     )
     command.__name__ = name
-    app.command(name, help=help_text, no_args_is_help=False)(command)
+    app.command(name, help=help_text, no_args_is_help=False, cls=_ConfigCommand)(command)
 
 
 for _name, (_cls, _help) in STAGES.items():
     _register_stage(_name, _cls, _help)
 
 
-@app.command("info")
+@app.command("info", cls=_ConfigCommand)
 def info_command(
-    path: Path = typer.Argument(..., help="An output directory, a model directory or a pool file."),
+    path: Path = typer.Argument(
+        ...,
+        metavar="PATH",
+        help="An output directory, a model directory, or pool data (a file, a directory, a brace pattern).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -206,24 +297,28 @@ def info_command(
     from batctl.info import describe_path, render
 
     def action() -> None:
-        description = describe_path(path)
+        description = describe_path(Path(path))
         if json_output:
             print_result(description, as_json=True)
         else:
             render(description)
-        if description["state"] == "absent":
-            raise BatctlError(f"{path}: nothing there")
 
     _invoke(action, json_output, debug)
 
 
-@app.command("tiny")
+@app.command("tiny", cls=_PlainCommand)
 def tiny_command(
     family: str = typer.Argument(..., metavar="lm|diffusion", help="Which tiny backbone to build."),
     directory: Path = typer.Argument(
         ..., metavar="DIR", help="Where to save it (save_pretrained layout)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        metavar="INT",
+        show_default=False,
+        help="Seed for the random weights. (default: 0)",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),

@@ -18,7 +18,7 @@ import ast
 import dataclasses
 import functools
 import inspect
-import textwrap
+import re
 import tomllib
 import types
 import typing
@@ -53,20 +53,38 @@ def field_docs(cls: type) -> dict[str, str]:
     """
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for stmt, nxt in zip(body, body[1:], strict=False):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
     return docs
+
+
+@functools.cache
+def _own_field_docs(klass: type) -> dict[str, str]:
+    """The field docstrings written in `klass` itself."""
+    docs: dict[str, str] = {}
+    body = _class_bodies(klass.__module__).get(klass.__qualname__, [])
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+@functools.cache
+def _class_bodies(module_name: str) -> dict[str, list[ast.stmt]]:
+    """Top-level class name -> its body, from one parse of the module's source file (cached:
+    the CLI asks for every config class of every stage at start-up, and `inspect.getsource`
+    would parse and tokenize a whole module for each class)."""
+    import sys
+
+    source = Path(inspect.getfile(sys.modules[module_name])).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,30 +183,108 @@ def _coerce(spec: FieldSpec, value: Any, source: str) -> tuple[Any, str | None]:
     return converted, None
 
 
-def read_toml(path: Path, command: str, known: set[str] | None = None) -> dict[str, Any]:
-    """The flags a `--config FILE.toml` gives for `command`, keys as field names.
-
-    A file may hold the flags at top level, or one table per command (`[score]`, `[select]`),
-    so one file can serve a whole pipeline: then the table named `command` is read over the
-    top-level keys that are flags of `command` (`known`; others belong to other commands).
-    Keys may be kebab-case (as the flags) or snake_case.
-    """
+def _read_toml_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--config: {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config: {path} is a directory; pass a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_toml(
+    path: Path, command: str, commands: Mapping[str, tuple[set[str], set[str]]]
+) -> dict[str, Any]:
+    """The flags a `--config FILE.toml` gives for `command`, keys as field names.
+
+    A file without tables holds one command's flags. A pipeline file holds one table per command
+    (`[surrogate]`, `[score]`, `[select]`, `[train]`, `[eval]`, `[demo]`) and top-level keys. `commands` maps
+    every command to (its fields, the fields top-level keys may set): a top-level key applies to
+    a command only where the flag means the same thing (`model`, `steps`), never where it means
+    something else (`eval --data` is the held-out set, `eval --adapter` a directory) or is per
+    stage (`out`). The command's table wins over top-level keys. Keys may be kebab-case or
+    snake_case. Unknown tables and keys, anywhere in the file, are usage errors naming the file.
+    """
+    data = _read_toml_file(path)
+    problems = []
+    top = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    if tables:
-        # Top-level keys are shared by every command that has the flag; the command's table wins.
-        shared = {
-            k: v
-            for k, v in data.items()
-            if not isinstance(v, dict) and (known is None or k.replace("-", "_") in known)
-        }
-        data = {**shared, **tables.get(command, {})}
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    for name, table in tables.items():
+        if name not in commands:
+            problems.append(
+                f"{path}: unknown table [{name}]; tables are named after commands: "
+                + ", ".join(f"[{c}]" for c in commands)
+            )
+            continue
+        for key in table:
+            if key.replace("-", "_") not in commands[name][0]:
+                problems.append(f"{path}: [{name}] {key}: {name} has no flag {flag_name(key)}")
+    fields, shared = commands[command]
+    if not tables:
+        # A flat file is one command's flags, as typed on its command line: every key applies
+        # (unknown ones are reported by the config, naming the file).
+        return top
+    shareable = set().union(*(shared for _, shared in commands.values()))
+    everywhere = set().union(*(fields for fields, _ in commands.values()))
+    for key in top:
+        if key not in everywhere:
+            problems.append(f"{path}: unknown key {key!r} (no command has a flag {flag_name(key)})")
+        elif key not in shareable:
+            problems.append(
+                f"{path}: {key} at top level would apply to no command ({flag_name(key)} differs "
+                "from one command to the next): put it in each command's table"
+            )
+    if problems:
+        raise UsageError("\n".join(problems))
+    values = {k: v for k, v in top.items() if k in shared}
+    values.update({k.replace("-", "_"): v for k, v in tables.get(command, {}).items()})
+    return values
+
+
+_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+
+
+def name_the_file(message: str, from_file: set[str], path: Path | str) -> str:
+    """`message` with " (--x set in FILE)" appended for each flag it names whose value came from
+    the --config file, so a user who did not type the flag knows where it came from."""
+    if str(path) in message:
+        return message
+    named = [
+        f for f in dict.fromkeys(_FLAG.findall(message)) if f[2:].replace("-", "_") in from_file
+    ]
+    if not named:
+        return message
+    return f"{message} ({', '.join(named)} set in {path})"
+
+
+def name_the_source(
+    message: str, config: Any, cli_values: dict[str, Any], config_file: Path | None
+) -> str:
+    """An error message from a stage, with the flag behind it named when it does not say: the
+    flag whose value the message quotes, and the --config file when the value came from there
+    (`data spec 'domain.jsonl' matches no files (--data, set in pipeline.toml)`)."""
+    given = {k for k, v in cli_values.items() if v not in (None, (), [])}
+    from_file = set()
+    if config_file is not None and config is not None:
+        from_file = {spec.name for spec in field_specs(type(config))} - given
+    if "--" in message:
+        return name_the_file(message, from_file, config_file) if from_file else message
+    best = None
+    for spec in field_specs(type(config)) if config is not None else ():
+        value = getattr(config, spec.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            text = item.as_posix() if isinstance(item, Path) else item
+            if isinstance(text, str) and len(text) > 2 and text in message:
+                if best is None or len(text) > len(best[1]):
+                    best = (spec.name, text)
+    if best is None:
+        return message
+    where = f", set in {config_file}" if best[0] in from_file else ""
+    return f"{message} ({flag_name(best[0])}{where})"
 
 
 class StageConfig:
@@ -196,6 +292,15 @@ class StageConfig:
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()
     """Field names that must be given, on the command line or in --config."""
+
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force")
+    """Fields that a pipeline TOML's top-level keys do not set for this command: per-stage ones
+    (`out`), and flags that mean something else here than in the other commands."""
+
+    @classmethod
+    def shared_fields(cls) -> set[str]:
+        """The fields a top-level key of a pipeline TOML sets for this command."""
+        return {s.name for s in field_specs(cls)} - set(cls.UNSHARED)
 
     @classmethod
     def from_sources(
@@ -236,7 +341,10 @@ class StageConfig:
         # Semantic checks run even when some flags were bad, on the values that did parse, so
         # one invocation shows every problem.
         config = cls(**values)  # type: ignore[call-arg]
-        problems += config.problems()
+        from_file = {k for k in (toml or {}) if k in specs and cli.get(k) in (None, (), [])}
+        problems += [
+            name_the_file(p, from_file, toml_path) if toml_path else p for p in config.problems()
+        ]
         return (None if problems else config), problems
 
     def problems(self) -> list[str]:

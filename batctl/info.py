@@ -31,25 +31,53 @@ def describe_model_dir(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def describe_data(path: Path) -> dict[str, Any] | None:
-    """A pool or adaptation-set part: its format and how many samples it holds (a fast scan that
-    does not decode images), or None when `path` is no data batctl reads."""
-    from batctl.data import detect_part, open_pool
+def describe_data(spec: str) -> dict[str, Any] | None:
+    """Data batctl reads (a pool or adaptation set: a file, a directory of data files, a brace
+    pattern or glob): its parts with format and samples each (a fast scan that does not decode
+    images), or None when `spec` is no data batctl reads. A pattern with a missing part raises
+    the UsageError `--pool` would."""
+    from batctl.data import detect_part, expand_specs, open_pool
     from batctl.errors import BatctlError
 
     try:
-        part = detect_part(Path(path), 0)
+        paths = expand_specs(spec)
+        parts = [detect_part(Path(p), i) for i, p in enumerate(paths)]
     except BatctlError:
-        return None
-    (rows,) = open_pool([str(path)], decode=False).row_counts()
-    found = {"kind": "data", "format": part.kind, "samples": rows}
-    if part.compression:
-        found["compression"] = part.compression
+        if not _is_pattern(spec):
+            return None  # a file or folder batctl does not read
+        raise
+    rows = open_pool([str(p) for p in paths], decode=False).row_counts()
+    formats = sorted({part.kind for part in parts})
+    found: dict[str, Any] = {
+        "kind": "data",
+        "format": ", ".join(formats),
+        "parts": len(parts),
+        "samples": sum(rows),
+        "part_samples": {str(part.path): count for part, count in zip(parts, rows, strict=True)},
+    }
+    compressions = sorted({part.compression for part in parts if part.compression})
+    if compressions:
+        found["compression"] = ", ".join(compressions)
     return found
 
 
+def _is_pattern(spec: str) -> bool:
+    import glob
+
+    from batctl.data.specs import expand_braces
+
+    return glob.has_magic(spec) or len(expand_braces(spec)) > 1
+
+
 def describe_path(path: Path) -> dict[str, Any]:
-    """Everything `batctl info` knows about `path`; `state` is complete/partial/running/foreign/absent."""
+    """Everything `batctl info` knows about `path`; `state` is complete/partial/running/input.
+
+    Raises BatctlError (one line) for a path that is none of these: absent (a brace pattern or
+    glob is described as the data it matches, or its missing part named), or something batctl
+    neither wrote nor reads.
+    """
+    from batctl.errors import BatctlError
+
     description = artifacts.describe(path)
     if description["state"] in ("partial", "running"):
         from batctl.scorestore import ScoreStore
@@ -57,15 +85,23 @@ def describe_path(path: Path) -> dict[str, Any]:
         if ScoreStore.exists(description["work"]):
             description["progress"] = ScoreStore.open(description["work"]).progress()
         return description
-    if description["state"] not in ("complete", "foreign"):
+    if description["state"] == "absent":
+        if not _is_pattern(str(path)):
+            raise BatctlError(f"{path}: nothing there")
+        description.update(describe_data(str(path)) or {}, state="input")
         return description
     found = describe_model_dir(Path(path)) if Path(path).is_dir() else None
     if found is None and description["state"] == "foreign":
-        found = describe_data(Path(path))
+        found = describe_data(str(path))
     if found is not None:
         description.update(found)
         if description["state"] == "foreign":
             description["state"] = "input"  # a model or data batctl reads, not one of its outputs
+    if description["state"] == "foreign":
+        raise BatctlError(
+            f"{path}: not a batctl output, a model or adapter directory, nor data batctl reads "
+            "(.tar, .json, .jsonl, .txt, an image folder or a datasets directory)"
+        )
     return description
 
 
@@ -83,6 +119,7 @@ def render(description: dict[str, Any]) -> None:
         "base_model",
         "format",
         "compression",
+        "parts",
         "samples",
     ):
         if key in description:
@@ -96,7 +133,9 @@ def render(description: dict[str, Any]) -> None:
         head.append(
             ("progress", f"{progress['done']}/{progress['total']} {progress['unit']} ({share:.0%})")
         )
-    print_table("artifact", head)
+    print_table("data" if description.get("kind") == "data" else "artifact", head)
+    if description.get("kind") == "data" and description.get("parts", 0) > 1:
+        print_table("parts", [(p, f"{n} samples") for p, n in description["part_samples"].items()])
     if description.get("params"):
         print_table("params", sorted(description["params"].items()))
     if description.get("inputs"):

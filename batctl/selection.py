@@ -11,10 +11,11 @@ of reading the store's columns.
 
 Definitions:
 
-- γ = n / (n + k) (the paper's Definition 2, γ = n/k with k the augmented set's size): D_A's
-  share of the augmented set. A requested γ gives k = round(n(1 − γ)/γ) pool samples, rounded
-  half up, computed exactly from the decimal γ (n = 30, γ = 0.75 → 10). The γ a selection
-  actually has is n / (n + k); it differs from the requested one only by that rounding.
+- γ = n / (n + m), m the pool samples added (the paper's Definition 2 writes n/k with k = n + m
+  the augmented set's size): D_A's share of the augmented set. A requested γ gives
+  m = round(n(1 − γ)/γ) pool samples, rounded half up, computed exactly from the decimal γ
+  (n = 30, γ = 0.75 → 10). The γ a selection actually has is n / (n + m); it differs from the
+  requested one only by that rounding. (In the code below, `k` and `count` are this m.)
 - n is the number of finite adaptation samples behind the score store (target.safetensors).
 - Eligible rows: status 1 (scored) with a finite score, in a chunk whose `done` flag is set.
 - Strategies, each an order over the eligible rows; every value takes a prefix of one order, so
@@ -55,7 +56,7 @@ from batctl.scorestore import SCORED, STATUS_NAMES, ScoreStore
 STRATEGIES = ("albat", "random", "none")
 
 GAMMA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
-"""The γ values `--gamma auto` tries: 0.05, 0.10, ..., 0.95 (k = 19n down to about n/19)."""
+"""The γ values `--gamma auto` tries: 0.05, 0.10, ..., 0.95 (m = 19n down to about n/19 pool samples)."""
 
 TARGET = "target.safetensors"
 _TARGET_PREFIX = (
@@ -67,7 +68,7 @@ _TARGET_PREFIX = (
 
 
 def pool_count(n: int, gamma: float) -> int:
-    """k = round(n(1 − γ)/γ), rounded half up, exact for the decimal γ the user typed.
+    """m = round(n(1 − γ)/γ) pool samples, rounded half up, exact for the decimal γ the user typed.
 
     `gamma` in (0, 1); n >= 0. n = 30, γ = 0.75 gives 10; n = 3, γ = 0.4 gives 5 (4.5 up).
     """
@@ -78,7 +79,7 @@ def pool_count(n: int, gamma: float) -> int:
 
 
 def effective_gamma(n: int, k: int) -> float:
-    """The γ = n / (n + k) of an augmented set of n adaptation and k pool samples."""
+    """The γ = n / (n + m) of an augmented set of n adaptation and m pool samples."""
     return n / (n + k) if n + k else 1.0
 
 

@@ -145,11 +145,15 @@ def train_adapter(
     backbone: Sequence[Sample],
     settings: LoopSettings,
     out_dir: Path,
+    description: str = "training",
 ) -> dict[str, Any]:
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
-    Returns a summary: steps, first and last loss, samples seen.
+    Progress (step, loss, lr, rate, ETA) goes to stderr under `description`. Returns a summary:
+    steps, first and last loss, samples seen.
     """
+    from batctl.console import progress_bar
+
     examples = [Example(s, "adaptation") for s in adaptation] + [
         Example(s, "pool") for s in backbone
     ]
@@ -163,7 +167,10 @@ def train_adapter(
     torch.manual_seed(settings.seed)  # adapter dropout
     task.model.train()
     history: list[dict[str, Any]] = []
-    with (out_dir / "log.jsonl").open("w", encoding="utf-8") as log_file:
+    with (
+        (out_dir / "log.jsonl").open("w", encoding="utf-8") as log_file,
+        progress_bar(description, steps, unit="steps") as advance,
+    ):
         for step in range(steps):
             lr = optimizer.param_groups[0]["lr"]
             step_loss = 0.0
@@ -179,6 +186,7 @@ def train_adapter(
             record = {"step": step + 1, "loss": step_loss, "lr": lr}
             history.append(record)
             log_file.write(json.dumps(record) + "\n")
+            advance(1, loss=step_loss, lr=lr)
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
     task.model.eval()

@@ -18,7 +18,6 @@ from typing import Any, ClassVar, Literal
 from batctl.stages.select import parse_gammas
 
 from batctl.config import OutputOptions
-from batctl.selection import value_name
 
 log = logging.getLogger("batctl.demo")
 
@@ -34,6 +33,11 @@ class DemoConfig(OutputOptions):
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def shared_fields(cls) -> set[str]:
+        """None: the demo reads only its own [demo] table of a pipeline TOML."""
+        return set()
+
     out: Path | None = Path("runs/demo")
     """Output directory for the demo's artifacts and report."""
 
@@ -41,7 +45,7 @@ class DemoConfig(OutputOptions):
     """Which family's demo to run."""
 
     gamma: tuple[str, ...] = ("0.5", "0.75", "0.9")
-    """Adaptation share γ of each augmented training set (comma lists allowed)."""
+    """γ = n / (n + m) of each augmented training set, D_A's share (m pool samples added; comma lists allowed)."""
 
     method: tuple[str, ...] = DEMO_METHODS
     """Selection methods to compare (batctl score --method), each beside random and none."""
@@ -76,6 +80,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end into --out; returns the results table and where the report is."""
     from batctl.demo import build_world
     from batctl.demo.report import collect, write_report
+    from batctl.selection import value_name  # numpy: not at import, so --help starts fast
 
     # setup
     out = Path(config.out or "runs/demo")

@@ -26,6 +26,10 @@ class EvalConfig(DataOptions):
     """Evaluate one or more adapters; the bare backbone is always a row."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "adapter", "data", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "data", "adapter", "batch_size")
+
+    data: str | None = None
+    """Held-out data (not D_A): a JSON/JSONL/text file, a webdataset tar or an image folder."""
 
     adapter: tuple[Path, ...] = ()
     """Adapter directories to evaluate."""
@@ -222,9 +226,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         render_report,
         write_json,
     )
-    from batctl.metrics.weights import weight_difference
     from batctl.samples import describe_data, load_samples
-    from batctl.tasks import load_task
 
     # setup: every input checked before the model is loaded
     strict = config.strict_fingerprints
@@ -255,39 +257,52 @@ def run(config: EvalConfig) -> dict[str, Any]:
     with open_output(
         config.out, stage="eval", params=config.params(), inputs=inputs, force=config.force
     ) as out:
+        # torch and transformers only now: an up-to-date output is decided without them
+        from batctl.metrics.weights import weight_difference
+        from batctl.tasks import load_task
+
         # load
         heldout = load_samples(
             config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
         )
         task = load_task(config.task_settings(), config.task)
         reference = None
+        reference_loss = None
         if config.reference is not None:
             load_adapter(task, config.reference)
             reference = task.adapter_state()
+            task.model.eval()
+            # the oracle's own held-out loss: the plot's lower reference line
+            reference_loss = heldout_loss(task, heldout, options.batch_size)
             unload_adapter(task, config.reference)
         # loop: the bare backbone, then each adapter on it in turn
+        from batctl.console import progress_bar
+
         rows: dict[str, dict[str, Any]] = {}
-        log.info("%s: %d held-out samples", BACKBONE, len(heldout))
-        rows[BACKBONE] = {
-            "adapter": None,
-            **evaluate_row(task, heldout, options, out.work, BACKBONE),
-        }
-        if reference is not None:
-            rows[BACKBONE].update(weight_diff=None, weight_diff_rel=None)
-        for label, path in zip(labels, adapters, strict=True):
-            log.info("%s: evaluating %s", label, path)
-            load_adapter(task, path)
-            row = {
-                "adapter": str(path.resolve()),
-                **evaluate_row(task, heldout, options, out.work, label),
+        with progress_bar("eval", len(adapters) + 1, unit="models") as advance:
+            log.info("%s: %d held-out samples", BACKBONE, len(heldout))
+            rows[BACKBONE] = {
+                "adapter": None,
+                **evaluate_row(task, heldout, options, out.work, BACKBONE),
             }
-            state = task.adapter_state()
-            unload_adapter(task, path)
             if reference is not None:
-                diff = weight_difference(state, reference, f"--adapter {path}")
-                row.update(weight_diff=diff.absolute, weight_diff_rel=diff.relative)
-                row["weight_diff_curve"] = weight_diff_curve(task, path, state, reference)
-            rows[label] = row
+                rows[BACKBONE].update(weight_diff=None, weight_diff_rel=None)
+            advance(1, done=BACKBONE)
+            for label, path in zip(labels, adapters, strict=True):
+                log.info("%s: evaluating %s", label, path)
+                load_adapter(task, path)
+                row = {
+                    "adapter": str(path.resolve()),
+                    **evaluate_row(task, heldout, options, out.work, label),
+                }
+                state = task.adapter_state()
+                unload_adapter(task, path)
+                if reference is not None:
+                    diff = weight_difference(state, reference, f"--adapter {path}")
+                    row.update(weight_diff=diff.absolute, weight_diff_rel=diff.relative)
+                    row["weight_diff_curve"] = weight_diff_curve(task, path, state, reference)
+                rows[label] = row
+                advance(1, done=label)
         # save
         notes = []
         if reference is None:
@@ -310,13 +325,14 @@ def run(config: EvalConfig) -> dict[str, Any]:
                 "reference": str(Path(config.reference).resolve())
                 if config.reference is not None
                 else None,
+                "reference_heldout_loss": reference_loss,
                 "family": task.family,
                 "counters": counters,
                 "notes": notes,
             },
         )
         (out.work / "report.md").write_text(render_report(rows, context, notes), encoding="utf-8")
-        plot_heldout(rows, out.work / "heldout_loss.png")
+        plot_heldout(rows, out.work / "heldout_loss.png", reference=reference_loss)
         if reference is not None:
             plot_weight_diff(rows, out.work / "weight_diff.png")
         summary = {

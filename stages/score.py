@@ -28,6 +28,7 @@ class ScoreConfig(DataOptions):
     """Score every pool sample against the adaptation set, resumably."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "pool", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size")
 
     method: Literal["influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion"] = "influence"
     """What ranks the pool: influence at the surrogate; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence); fusion (the sum of the z-scores of influence, bm25 and tfidf)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from batctl.config import OutputOptions
+from batctl.config import OutputOptions, flag_name
 from batctl.errors import BatctlError
 
 log = logging.getLogger("batctl.select")
@@ -34,7 +34,8 @@ def parse_gammas(values: tuple[str, ...]) -> tuple[list[float], bool, list[str]]
                 continue
             if not 0 < gamma < 1:
                 problems.append(
-                    f"--gamma: {item} is outside (0, 1); γ = n/k is D_A's share of the augmented set"
+                    f"--gamma: {item} is outside (0, 1); γ = n / (n + m) is D_A's share of the "
+                    "augmented set (n adaptation samples, m pool samples added)"
                 )
             else:
                 gammas.append(gamma)
@@ -46,12 +47,13 @@ class SelectConfig(OutputOptions):
     """Select pool samples from a finished score store."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("scores", "out")
+    UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size", "seed")
 
     scores: Path | None = None
     """Score directory (the output of `batctl score`)."""
 
     gamma: tuple[str, ...] = ()
-    """γ = n/k, D_A's share of the augmented set: comma-separated or repeated, or auto (needs --model)."""
+    """γ = n / (n + m), D_A's share of the augmented set (n adaptation samples, m pool samples added; 0.75 with n = 30 adds m = 10): comma-separated or repeated, or auto (needs --model, --surrogate, --data)."""
 
     count: tuple[int, ...] = ()
     """Select exactly K pool samples."""
@@ -71,14 +73,17 @@ class SelectConfig(OutputOptions):
     allow_partial: bool = False
     """Select from a store whose chunks are not all done."""
 
+    prop2: bool = False
+    """Add the Proposition 2 report for every selection (loads the model: needs --model, --surrogate and --data)."""
+
     model: str | None = None
-    """Backbone, for the Proposition 2 report and --gamma auto."""
+    """Backbone, for --prop2 and --gamma auto (unused otherwise)."""
 
     surrogate: Path | None = None
-    """Surrogate adapter, for the Proposition 2 report and --gamma auto."""
+    """Surrogate adapter, for --prop2 and --gamma auto (unused otherwise)."""
 
     data: str | None = None
-    """Adaptation set, for the Proposition 2 report and --gamma auto."""
+    """Adaptation set D_A, for --prop2 and --gamma auto (unused otherwise)."""
 
     damping: float | None = None
     """c in Proposition 2's λ = c · mean ||g||² / D_l; default: the score run's --damping."""
@@ -89,10 +94,21 @@ class SelectConfig(OutputOptions):
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code (Proposition 2 loads the model)."""
 
+    @property
+    def loads_model(self) -> bool:
+        """Whether this run computes Proposition 2 (--prop2 or --gamma auto): only then are
+        --model, --surrogate and --data read."""
+        return self.prop2 or parse_gammas(self.gamma)[1]
+
     def params(self) -> dict[str, Any]:
         """As recorded in the manifest, with the values in canonical form: `--gamma 0.75,0.5`,
-        `--gamma 0.5 --gamma 0.75` and `--gamma .5,.75` are the same run (up to date)."""
+        `--gamma 0.5 --gamma 0.75` and `--gamma .5,.75` are the same run (up to date). The
+        Proposition 2 flags are left out when unused, so a pipeline TOML's shared `model` does
+        not make a selection look out of date."""
         out = super().params()
+        if not self.loads_model:
+            for name in PROP2_FIELDS:
+                out.pop(name, None)
         gammas, auto, _ = parse_gammas(self.gamma)
         out["gamma"] = [repr(g) for g in gammas] + (["auto"] if auto else [])
         out["count"] = sorted(set(self.count))
@@ -109,12 +125,14 @@ class SelectConfig(OutputOptions):
             out.append("--count values must be >= 1")
         if any(not math.isfinite(t) for t in self.threshold):
             out.append("--threshold values must be finite numbers")
-        if auto and not (self.model and self.surrogate and self.data):
-            out.append("--gamma auto needs --model, --surrogate and --data")
-        elif any((self.model, self.surrogate, self.data)) and not all(
-            (self.model, self.surrogate, self.data)
-        ):
-            out.append("the Proposition 2 report needs all of --model, --surrogate and --data")
+        missing = [
+            flag_name(name) for name in ("model", "surrogate", "data") if not getattr(self, name)
+        ]
+        if missing and (auto or self.prop2):
+            asked = "--gamma auto" if auto else "--prop2"
+            out.append(
+                f"{asked} needs --model, --surrogate and --data; missing: {', '.join(missing)}"
+            )
         if auto and self.strategy == "none":
             out.append("--gamma auto needs --strategy albat or random (none selects nothing)")
         if self.damping is not None and self.damping <= 0:
@@ -124,6 +142,8 @@ class SelectConfig(OutputOptions):
         return out
 
 
+PROP2_FIELDS = ("model", "surrogate", "data", "damping", "batch_size", "trust_remote_code")
+"""Select's flags that only Proposition 2 (--prop2, --gamma auto) reads."""
 SAMPLES_TAR = "samples.tar"
 SELECTION_JSON = "selection.json"
 PREVIEW_TEXTS = 100
@@ -163,7 +183,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     if pool_paths:
         inputs["pool"] = describe_data(pool_paths, fp)
     surrogate = None
-    if config.model is not None:
+    if config.loads_model:
         model = describe_input(config.model, fp)
         recorded = source.inputs.get("model")
         if isinstance(recorded, dict) and recorded.get("fingerprint") != model["fingerprint"]:
@@ -214,13 +234,13 @@ def run(config: SelectConfig) -> dict[str, Any]:
         for value in plan.values:
             if value.count == 0 and config.strategy != "none":
                 log.warning(
-                    "%s selects no pool samples (n = %d: k rounds to 0 or no score reaches it)",
+                    "%s selects no pool samples (n = %d: m rounds to 0 or no score reaches it)",
                     value.name,
                     plan.n,
                 )
         reports: dict[str, Any] = {}
         auto_report = None
-        if config.model is not None:
+        if config.loads_model:
             reports, auto_report = proposition2(config, source, plan, fetch, surrogate, auto)
         top_level = not plan.values  # --strategy none alone: --out is the (empty) selection
         write_tars(out.work, plan, fetch, top_level)
@@ -252,10 +272,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
             )
             write_manifest(directory, out, value.name)
             log.info(
-                "%s: %d pool samples, γ = %.4g%s",
-                value.name,
-                value.count,
-                value.gamma,
+                "%s%s",
+                gamma_summary(value, plan.n),
                 ""
                 if value.name not in reports
                 else f"; Proposition 2 {'holds' if reports[value.name]['holds'] else 'does not hold'}",
@@ -276,14 +294,37 @@ def run(config: SelectConfig) -> dict[str, Any]:
             "n_adaptation": plan.n,
             "eligible": plan.eligible,
             "selections": {
-                name: {k: entry[k] for k in ("gamma", "count", "holds") if k in entry}
+                name: {
+                    k: entry[k]
+                    for k in ("gamma", "gamma_requested", "count", "holds")
+                    if entry.get(k) is not None
+                }
                 for name, entry in summary["selections"].items()
             },
         }
+        if plan.duplicate_keys or plan.duplicate_content:
+            # eligible counts rows before dedupe: say how many of them were dropped
+            result["duplicates_dropped"] = plan.duplicate_keys + plan.duplicate_content
         if auto_report is not None:
             result["auto_gamma"] = auto_report["gamma"]
         out.extra["summary"] = result
     return result
+
+
+def pool_samples(m: int) -> str:
+    """`1 pool sample`, `4 pool samples`."""
+    return f"{m} pool sample{'' if m == 1 else 's'}"
+
+
+def gamma_summary(value: Any, n: int) -> str:
+    """One selection in the γ = n / (n + m) notation, with the γ asked for when the γ achieved
+    differs (m is a whole number of samples): `gamma-0.75: m = 2 pool samples added to n = 5,
+    γ = 0.714 (asked 0.75)`."""
+    text = f"{value.name}: m = {pool_samples(value.count)} added to n = {n}, γ = {value.gamma:.4g}"
+    asked = value.requested if value.kind in ("gamma", "auto") else None
+    if asked is not None and abs(float(asked) - value.gamma) > 5e-5:
+        text += f" (asked {float(asked):.4g}; m is rounded to whole samples)"
+    return text
 
 
 # ------------------------------------------------------------------------------ pool access
@@ -435,7 +476,7 @@ def proposition2(
             )
             value = Value("auto", None, 0, plan.n)
         else:
-            log.info("--gamma auto: Proposition 2 holds from γ = %s (k = %d)", *chosen)
+            log.info("--gamma auto: Proposition 2 holds from γ = %s (m = %d)", *chosen)
             value = Value("auto", chosen[0], chosen[1], plan.n)
         plan.values.append(value)
         reports[value.name] = prop2.report(grams, value.count, cache)
@@ -540,6 +581,7 @@ def selection_payload(
         "value": value.name if value is not None else None,
         "strategy": plan.strategy,
         "gamma": value.gamma if value is not None else 1.0,
+        "gamma_definition": "n / (n + m): n = n_adaptation, m = count (pool samples added)",
         "gamma_requested": (
             value.requested if kind == "gamma" else "auto" if kind == "auto" else None
         ),
@@ -571,9 +613,11 @@ def write_preview(directory: Path, value: Any, plan: Any, fetch: Fetcher | None)
         contact_sheet(directory / "contact_sheet.png", images, plan)
         return
     name = value.name if value is not None else "selection"
-    lines = [f"# {name}: {count} pool samples ({plan.strategy})", ""]
+    lines = [f"# {name}: {pool_samples(count)} ({plan.strategy})", ""]
     if value is not None:
-        lines.append(f"γ = {value.gamma:.4g} (n = {plan.n}, k = {count})")
+        lines.append(f"γ = n / (n + m) = {plan.n} / ({plan.n} + {count}) = {value.gamma:.4g}")
+        if value.kind in ("gamma", "auto") and value.requested is not None:
+            lines[-1] += f" (asked {float(value.requested):.4g})"
         lines.append("")
     if not samples:
         lines.append("No pool samples selected: training on this selection is plain adaptation.")

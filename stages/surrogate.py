@@ -19,8 +19,6 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
     """Train the surrogate adapter into `--out`; returns a summary (steps, losses, sizes)."""
     from batctl.artifacts import describe_input, open_output
     from batctl.samples import describe_data, load_samples
-    from batctl.tasks import load_task
-    from batctl.training import train_adapter
 
     # setup
     inputs = {
@@ -30,6 +28,10 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
     with open_output(
         config.out, stage="surrogate", params=config.params(), inputs=inputs, force=config.force
     ) as out:
+        # torch and transformers only now: an up-to-date output is decided without them
+        from batctl.tasks import load_task
+        from batctl.training import train_adapter
+
         # load
         adaptation = load_samples(
             config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
@@ -37,7 +39,9 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
         task = load_task(config.task_settings(), config.task)
         task.add_adapter(config.adapter_settings(), seed=config.seed)
         # loop + save
-        summary = train_adapter(task, adaptation, [], config.loop_settings(), out.work)
+        summary = train_adapter(
+            task, adaptation, [], config.loop_settings(), out.work, description="surrogate"
+        )
         summary.update(task.counters())
         out.extra["summary"] = summary
     return {"out": str(config.out), **summary}

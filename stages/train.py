@@ -47,8 +47,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
     from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
     from batctl.samples import describe_data, load_samples
-    from batctl.tasks import load_task
-    from batctl.training import train_adapter
 
     # setup: every input checked before the model is loaded
     model = describe_input(config.model, config.strict_fingerprints)
@@ -75,6 +73,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     with open_output(
         config.out, stage="train", params=config.params(), inputs=inputs, force=config.force
     ) as out:
+        # torch and transformers only now: an up-to-date output is decided without them
+        from batctl.tasks import load_task
+        from batctl.training import train_adapter
+
         # load
         adaptation = load_samples(
             config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
@@ -91,7 +93,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             task.add_adapter(config.adapter_settings(), seed=config.seed)
         # loop + save
         loop = config.loop_settings(mix=config.mix, backbone_weight=config.backbone_weight)
-        summary = train_adapter(task, adaptation, backbone, loop, out.work)
+        summary = train_adapter(task, adaptation, backbone, loop, out.work, description="train")
         summary.update(task.counters())
         out.extra["summary"] = summary
     return {"out": str(config.out), **summary}

@@ -68,9 +68,37 @@ def test_gamma_outside_unit_interval_is_a_usage_error(cli, tmp_path):
 
 
 def test_info_json_goes_to_stdout_only(cli, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
     result = cli("info", tmp_path, "--json")
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["state"] == "foreign"
+    described = json.loads(result.stdout)
+    assert described["state"] == "input" and described["samples"] == 2
+
+
+def test_info_describes_pool_data_as_a_pool(cli, tmp_path):
+    for i in range(3):
+        lines = "".join(f'{{"text": "part {i} row {j}"}}\n' for j in range(i + 1))
+        (tmp_path / f"pool-{i:03d}.jsonl").write_text(lines)
+    for spec in (tmp_path, f"{tmp_path}/pool-{{000..002}}.jsonl", f"{tmp_path}/pool-*.jsonl"):
+        result = cli("info", spec, "--json")
+        assert result.exit_code == 0, result.stderr
+        described = json.loads(result.stdout)
+        assert (described["kind"], described["format"]) == ("data", "jsonl")
+        assert (described["parts"], described["samples"]) == (3, 6)
+    result = cli("info", tmp_path)
+    assert result.exit_code == 0 and "samples" in result.stdout and "parts" in result.stdout
+    # one part of a brace range missing: one line naming it, no table
+    result = cli("info", f"{tmp_path}/pool-{{000..003}}.jsonl")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "pool-003.jsonl' does not exist" in result.stderr
+
+
+def test_info_refuses_what_is_neither_artifact_nor_data(cli, tmp_path):
+    (tmp_path / "notes.md").write_text("hello\n")
+    for path in (tmp_path / "notes.md", tmp_path):
+        result = cli("info", path)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and "not a batctl output" in result.stderr
 
 
 def test_info_on_nothing_fails_with_one_line(cli, tmp_path):

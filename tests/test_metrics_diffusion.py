@@ -252,7 +252,8 @@ def test_family_metrics_writes_the_grid_and_only_the_metrics_of_given_models(
     assert any("no --clip" in n for n in task.metric_notes)
     assert not any("no --dino" in n for n in task.metric_notes)
     grid = Image.open(out / "images-backbone.png")
-    assert grid.size == (2 * 32, 32)
+    # two 32 px renders, scaled up to labelled tiles of GRID_TILE px, captions and a title
+    assert grid.size[0] == 2 * dm.GRID_TILE and grid.size[1] > dm.GRID_TILE
     first = grid.copy()
 
     # fixed seeds: the same model gives the same images
@@ -277,5 +278,27 @@ def test_family_metrics_writes_the_grid_and_only_the_metrics_of_given_models(
     assert 0.0 <= adapted["centroid_distance"] <= 2.0
     assert 1.0 <= adapted["vendi"] <= 2.0 + 1e-9
     changed = Image.open(out / "images-runs_a.png")
-    assert changed.size == (64, 32)
-    assert not np.array_equal(np.asarray(changed), np.asarray(first))
+    assert changed.size == first.size
+    # compare the first tile only (the titles differ anyway): the adapter changed the image
+    tile = _first_tile_box(changed)
+    assert not np.array_equal(np.asarray(changed.crop(tile)), np.asarray(first.crop(tile)))
+
+
+def _first_tile_box(grid):
+    """The first tile of a labelled grid: the first row that is not white, GRID_TILE high."""
+    pixels = np.asarray(grid.convert("RGB"))
+    column = pixels[:, dm.GRID_TILE // 2]
+    top = next(y for y in range(20, len(column)) if tuple(column[y]) != (255, 255, 255))
+    return (0, top, dm.GRID_TILE, top + dm.GRID_TILE)
+
+
+def test_labelled_grid_scales_small_renders_up_and_writes_labels(tmp_path):
+    tiles = [Image.new("RGB", (32, 32), (200, 0, 0)) for _ in range(3)]
+    labels = [f"a photo of sks ball number {i} (seed {42 + i})" for i in range(3)]
+    w, h = dm.write_grid(tiles, tmp_path / "g.png", labels=labels, title="albat: 3 prompts")
+    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    assert w == 2 * dm.GRID_TILE and h > 2 * dm.GRID_TILE  # room for the title and captions
+    # the tiles are scaled up whole (nearest neighbour) and the captions are drawn in black
+    pixels = list(grid.getdata())
+    assert pixels.count((200, 0, 0)) == 3 * dm.GRID_TILE * dm.GRID_TILE
+    assert any(sum(p) < 200 for p in pixels)  # dark text (the font may antialias)

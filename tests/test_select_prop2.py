@@ -172,7 +172,7 @@ def test_a_model_other_than_the_scores_is_refused_before_loading(cli, pipeline, 
     other = build_tiny_lm(tmp_path / "other", seed=5)
     result = cli(
         "select", "--scores", pipeline["scores"], "--out", tmp_path / "o", "--gamma", "0.5",
-        "--model", other, "--surrogate", pipeline["sur"], "--data", pipeline["domain"],
+        "--prop2", "--model", other, "--surrogate", pipeline["sur"], "--data", pipeline["domain"],
     )  # fmt: skip
     assert result.exit_code == 1 and "computed on" in result.stderr
     assert not (tmp_path / "o").exists()

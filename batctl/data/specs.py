@@ -169,8 +169,9 @@ def expand_specs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
             else:
                 path = Path(pattern)
                 if not path.exists():
-                    what = f" ({pattern!r} does not exist)" if pattern != spec_s else ""
-                    raise UsageError(f"data spec {spec_s!r} matches no files{what}")
+                    if pattern == spec_s:
+                        raise UsageError(f"data spec {spec_s!r} matches no files")
+                    raise UsageError(f"data spec {spec_s!r}: part {pattern!r} does not exist")
                 paths = [path]
             for path in paths:
                 if path.is_dir() and dir_kind(path) is None:

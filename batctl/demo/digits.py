@@ -285,6 +285,7 @@ def pretrain(
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from batctl.console import progress_bar
     from batctl.tasks.diffusion import quiet_diffusion_libraries
     from batctl.training import warmup_cosine
 
@@ -334,24 +335,22 @@ def pretrain(
     unet.train()
     losses = []
     n_timesteps = scheduler.config.num_train_timesteps
-    for step in range(steps):
-        rows = order[step * batch_size : (step + 1) * batch_size]
-        clean = latents[rows]
-        noise = torch.randn(clean.shape, generator=gen)
-        t = torch.randint(0, n_timesteps, (len(rows),), generator=gen)
-        pred = unet(scheduler.add_noise(clean, noise, t), t, states[which[rows]]).sample
-        if scheduler.config.prediction_type == "v_prediction":
-            noise = scheduler.get_velocity(clean, noise, t)  # the target
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 20 == 0 or step == steps - 1:
-            log.info(
-                "pretraining the demo UNet: step %d/%d, loss %.4f", step + 1, steps, losses[-1]
-            )
+    with progress_bar("pretraining the demo UNet", steps, unit="steps") as advance:
+        for step in range(steps):
+            rows = order[step * batch_size : (step + 1) * batch_size]
+            clean = latents[rows]
+            noise = torch.randn(clean.shape, generator=gen)
+            t = torch.randint(0, n_timesteps, (len(rows),), generator=gen)
+            pred = unet(scheduler.add_noise(clean, noise, t), t, states[which[rows]]).sample
+            if scheduler.config.prediction_type == "v_prediction":
+                noise = scheduler.get_velocity(clean, noise, t)  # the target
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            advance(1, loss=losses[-1])
     unet.eval()
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
     edit_config(model_dir / "unet")  # no _name_or_path: the build directory is temporary

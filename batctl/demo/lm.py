@@ -160,9 +160,14 @@ def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, steps)
     )
+    from batctl.console import progress_bar
+
     model.train()
     losses = []
-    with torch.random.fork_rng(devices=[]):
+    with (
+        torch.random.fork_rng(devices=[]),
+        progress_bar("pretraining the demo LM", steps, unit="steps") as advance,
+    ):
         torch.manual_seed(seed)
         for step in range(steps):
             rows = [encoded[i] for i in batches[step]]
@@ -178,10 +183,7 @@ def pretrain(model_dir: Path, texts: list[str], seed: int) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            if step % 50 == 0 or step == steps - 1:
-                log.info(
-                    "pretraining the demo LM: step %d/%d, loss %.3f", step + 1, steps, losses[-1]
-                )
+            advance(1, loss=losses[-1])
     model.eval()
     with _no_progress_bars():
         model.save_pretrained(model_dir, safe_serialization=True)

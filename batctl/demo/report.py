@@ -178,30 +178,42 @@ def _gammas(results: dict[str, Any]) -> list[float]:
 
 
 def plot_heldout_by_gamma(results: dict[str, Any], path: Path) -> None:
-    """Held-out loss of each strategy at each γ; plain adaptation and θ* as lines."""
+    """Held-out loss of each strategy at each γ (points, one marker per strategy), with the
+    backbone, plain adaptation and θ* as horizontal reference lines. The y range spans the
+    backbone and θ*, so gaps between strategies are read against the whole gain of adaptation."""
     plt = _pyplot()
     gammas = _gammas(results)
     strategies = [
         r["adapter"].rsplit("-g", 1)[0] for r in results["rows"] if r["gamma"] == gammas[0]
     ]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    width = 0.8 / max(1, len(strategies))
+    width = 0.6 / max(1, len(strategies))
+    markers = "os^Dv<>"
     for j, name in enumerate(strategies):
         values = [
             next(r["heldout_loss"] for r in results["rows"] if r["adapter"] == f"{name}-g{g}")
             for g in gammas
         ]
-        ax.bar([i + j * width for i in range(len(gammas))], values, width, label=name)
+        xs = [i + (j - (len(strategies) - 1) / 2) * width for i in range(len(gammas))]
+        ax.plot(xs, values, markers[j % len(markers)], ms=7, label=name)
     none = next(r["heldout_loss"] for r in results["rows"] if r["strategy"] == "none")
-    ax.axhline(none, color="black", ls="--", lw=1, label="none (D_A only)")
-    if results.get("oracle_heldout_loss") is not None:
-        ax.axhline(results["oracle_heldout_loss"], color="green", ls=":", lw=1, label="oracle θ*")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gammas))], [f"γ = {g}" for g in gammas])
+    lines = [
+        (results.get("backbone_heldout_loss"), "backbone (no adapter)", "gray", "-."),
+        (none, "none (D_A only)", "black", "--"),
+        (results.get("oracle_heldout_loss"), "oracle θ*", "green", ":"),
+    ]
+    for value, label, color, style in lines:
+        if value is not None:
+            ax.axhline(value, color=color, ls=style, lw=1, label=f"{label} {value:.4g}")
+    ax.set_xticks(range(len(gammas)), [f"γ = {g}" for g in gammas])
     values = [r["heldout_loss"] for r in results["rows"] if r["heldout_loss"] is not None]
-    values += [v for v in (none, results.get("oracle_heldout_loss")) if v is not None]
+    values += [v for v, *_ in lines if v is not None]
     low, high = min(values), max(values)
-    ax.set_ylim(low - 0.15 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
-    ax.set_ylabel("held-out loss (target domain)")
+    pad = 0.08 * (high - low) if high > low else 1e-3
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(-0.6, len(gammas) - 0.4)
+    ax.set_xlabel("γ = n / (n + m): D_A's share of the augmented set")
+    ax.set_ylabel("held-out loss, target domain (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

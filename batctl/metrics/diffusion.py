@@ -108,19 +108,60 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / columns), columns
 
 
-def write_grid(images: Sequence[Any], path: Path) -> tuple[int, int]:
-    """Tile same-size images row-major (the prompts' order) into one PNG; returns its (w, h)."""
-    from PIL import Image
+GRID_TILE = 160
+"""Smallest tile side in a labelled grid: smaller renders are scaled up (nearest neighbour, so
+the pixels stay visible as pixels) to leave room for readable labels."""
+
+
+def write_grid(
+    images: Sequence[Any],
+    path: Path,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> tuple[int, int]:
+    """Tile same-size images row-major (the prompts' order) into one PNG; returns its (w, h).
+
+    Without labels the tiles are the images as rendered. With `labels` (one per image, e.g. the
+    prompt and seed), every tile is at least GRID_TILE pixels a side and has its label written
+    under it, and `title` (e.g. the adapter) heads the grid.
+    """
+    from PIL import Image, ImageDraw
 
     if not images:
         raise ValueError("write_grid: no images")
     w, h = images[0].size
     rows, columns = grid_shape(len(images))
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    if labels is None:
+        grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+        for i, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
+        grid.save(path, format="PNG")
+        return grid.size
+    scale = max(1, math.ceil(GRID_TILE / max(1, min(w, h))))
+    tw, th = w * scale, h * scale
+    line, pad = 12, 4
+    chars = max(8, tw // 6)  # PIL's default bitmap font is about 6 px a character
+    wrapped = [_wrap(text, chars)[:3] for text in labels]
+    caption = max(len(lines) for lines in wrapped) * line + pad
+    head = line + 2 * pad if title else 0
+    grid = Image.new("RGB", (columns * tw, head + rows * (th + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), title, fill="black")
     for i, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
+        x, y = (i % columns) * tw, head + (i // columns) * (th + caption)
+        tile = image.convert("RGB").resize((w, h)).resize((tw, th), Image.NEAREST)
+        grid.paste(tile, (x, y))
+        for k, text in enumerate(wrapped[i]):
+            draw.text((x + pad, y + th + 2 + k * line), text, fill="black")
     grid.save(path, format="PNG")
     return grid.size
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 # --------------------------------------------------------------------------- preprocessing

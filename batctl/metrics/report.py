@@ -107,17 +107,42 @@ def _pyplot() -> Any:
 
 
 def plot_heldout(
-    rows: Mapping[str, Mapping[str, Any]], path: Path, metric: str = "heldout_loss"
+    rows: Mapping[str, Mapping[str, Any]],
+    path: Path,
+    metric: str = "heldout_loss",
+    reference: float | None = None,
 ) -> None:
-    """One bar per row: its held-out loss."""
+    """One point per adapter row: its held-out loss, with the bare backbone (the first row) and
+    the reference adapter θ* (when given) as horizontal reference lines.
+
+    Points, not bars: a bar's length claims a zero baseline, which a zoomed loss axis would
+    break. The y range always spans both reference lines, so a difference between adapters is
+    seen against what adaptation gains in all (backbone → θ*), never blown up into a cliff.
+    """
     plt = _pyplot()
     names = list(rows)
-    values = [rows[n].get(metric) or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(names)), 3.5), dpi=100)
-    bars = ax.bar(range(len(names)), values, color=["#999999"] + ["#3a75b0"] * (len(names) - 1))
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("held-out loss")
+    backbone = rows[names[0]].get(metric) if names else None
+    adapters = [n for n in names[1:] if rows[n].get(metric) is not None]
+    values = [float(rows[n][metric]) for n in adapters]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.9 * len(adapters)), 3.6), dpi=100)
+    ax.plot(range(len(adapters)), values, "o", color="#3a75b0", ms=7, label="adapter")
+    for x, v in enumerate(values):
+        ax.annotate(
+            f"{v:.4g}", (x, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
+        )
+    if backbone is not None:
+        ax.axhline(backbone, color="black", ls="--", lw=1, label=f"backbone {backbone:.4g}")
+    if reference is not None:
+        ax.axhline(reference, color="green", ls=":", lw=1.2, label=f"oracle θ* {reference:.4g}")
+    span = values + [v for v in (backbone, reference) if v is not None]
+    if span:
+        low, high = min(span), max(span)
+        pad = 0.12 * (high - low) if high > low else max(abs(high) * 0.01, 1e-3)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(-0.6, max(len(adapters), 1) - 0.4)
+    ax.set_xticks(range(len(adapters)), adapters, rotation=20, ha="right")
+    ax.set_ylabel("held-out loss (lower is better)")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

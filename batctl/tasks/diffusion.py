@@ -511,7 +511,13 @@ class DiffusionTask(Task):
         pipe.set_progress_bar_config(disable=True)
         images = dm.generate_images(pipe, prompts, size=self.resolution)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
-        dm.write_grid(images, Path(out_dir) / f"images-{safe}.png")
+        labels = [f"{prompt} (seed {dm.FIRST_SEED + i})" for i, prompt in enumerate(prompts)]
+        dm.write_grid(
+            images,
+            Path(out_dir) / f"images-{safe}.png",
+            labels=labels,
+            title=f"{label}: {len(images)} prompts at {images[0].width}x{images[0].height} px",
+        )
 
         features = cache["features"]
         dino = clip = None

@@ -63,6 +63,9 @@ def quiet_libraries() -> None:
 
     from transformers.utils import logging as hf_logging
 
+    from batctl.console import silence_unactionable_warnings
+
+    silence_unactionable_warnings()
     hf_logging.disable_progress_bar()
     # peft 0.21 calls a transformers 5 API that is deprecated but still works.
     warnings.filterwarnings(
