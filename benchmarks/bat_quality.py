@@ -46,14 +46,20 @@ def stage(name: str, **flags: Any) -> None:
     run_stage(name, **flags)
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fusion-lex": {"method": "fusion", "fuse": ("bm25", "tfidf")},
+}
+"""Benchmark names for score flags other than a bare --method (ablations)."""
+
+
 def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
     """The score store of `method` on `world`, and the CPU seconds it took (0 when up to date)."""
-    from batctl.methods import SURROGATE_METHODS
+    from batctl.methods import reads_surrogate
 
     path = out / f"scores-{method}"
-    flags: dict[str, Any] = {}
-    if method in SURROGATE_METHODS:
-        flags = {"surrogate": surrogate, **world.score_flags}
+    flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
+    if reads_surrogate(flags["method"], flags.get("fuse", ())):
+        flags.update(surrogate=surrogate, **world.score_flags)
     started = time.process_time()
     done_before = (path / "manifest.json").is_file()
     stage(
@@ -62,7 +68,6 @@ def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[P
         model=str(world.model),
         data=str(world.adaptation),
         pool=tuple(str(p) for p in world.pool),
-        method=method,
         **world.data_flags,
         **flags,
     )
@@ -426,7 +431,7 @@ def main() -> None:
         results[domain] = result
         log(f"{domain}: done in {time.monotonic() - started:.0f} s")
         markdown.append(table(results[domain], methods, args.default))
-        (args.out / "bat_quality.md").write_text("\n".join(markdown))
+        (args.out / f"bat_quality-{domain}.md").write_text(markdown[-1], encoding="utf-8")
     if not results:
         return
     rivals = [m for m in ("random", "none", *BASELINES) if m in methods and m != args.default]

@@ -162,10 +162,10 @@ def score_with(
 ) -> Path:
     """The score store of `method` on the world's pool (the gradient methods read the surrogate
     and the world's score recipe); returns its directory."""
-    from batctl.methods import SURROGATE_METHODS
+    from batctl.methods import reads_surrogate
 
     extra: dict[str, Any] = {}
-    if method in SURROGATE_METHODS:
+    if reads_surrogate(method, ("influence",)):
         extra = {
             "surrogate": surrogate,
             "preconditioner": config.preconditioner,

@@ -21,6 +21,7 @@ log = logging.getLogger("batctl.score")
 INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normalize", "layer_scores")
 """Flags only the gradient methods read."""
 HYBRID_FLAGS = ("prefilter", "candidates")
+FUSE_DEFAULT = ("influence", "bm25", "tfidf")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class ScoreConfig(DataOptions):
 
     candidates: int = 256
     """--method hybrid: how many of the prefilter's top rows get a gradient (the rest keep prefilter order below them)."""
+
+    fuse: tuple[str, ...] = FUSE_DEFAULT
+    """--method fusion: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag)."""
 
     surrogate: Path | None = None
     """Surrogate adapter directory (the output of `batctl surrogate`); --method influence only."""
@@ -76,13 +80,18 @@ class ScoreConfig(DataOptions):
     """Diffusion: (timestep, noise) draws per sample, seeded from the sample key."""
 
     def problems(self) -> list[str]:
-        from batctl.methods import SURROGATE_METHODS
+        from batctl.methods.fusion import PARTS
 
         out = super().problems()
-        if self.method in SURROGATE_METHODS and self.surrogate is None:
+        if self.reads_surrogate and self.surrogate is None:
             out.append(f"--surrogate is required with --method {self.method}")
-        if self.method not in SURROGATE_METHODS and self.surrogate is not None:
-            out.append(f"--surrogate is only read by --method {', '.join(SURROGATE_METHODS)}")
+        if not self.reads_surrogate and self.surrogate is not None:
+            out.append(
+                "--surrogate is only read by --method influence, hybrid and fusion (with influence in --fuse)"
+            )
+        unknown = [m for m in self.fuse if m not in PARTS]
+        if unknown or len(set(self.fuse)) < 2:
+            out.append(f"--fuse: give two or more of {', '.join(PARTS)}, got {','.join(self.fuse)}")
         if self.damping <= 0:
             out.append(f"--damping must be > 0, got {self.damping}")
         for name in ("batch_size", "chunk_size", "loss_draws", "candidates"):
@@ -101,16 +110,23 @@ class ScoreConfig(DataOptions):
     def params(self) -> dict[str, Any]:
         """The run's identity: only the flags the method reads (a bm25 store does not depend on
         --damping, nor an influence store on --candidates)."""
-        from batctl.methods import SURROGATE_METHODS
-
         out = super().params()
-        if self.method not in SURROGATE_METHODS:
+        if not self.reads_surrogate:
             for name in INFLUENCE_FLAGS:
                 out.pop(name, None)
         if self.method != "hybrid":
             for name in HYBRID_FLAGS:
                 out.pop(name, None)
+        if self.method != "fusion" or tuple(self.fuse) == FUSE_DEFAULT:
+            out.pop("fuse", None)  # the default parts are implied (stores written before --fuse)
         return out
+
+    @property
+    def reads_surrogate(self) -> bool:
+        """Whether the method needs the surrogate (influence, hybrid, fusion with influence)."""
+        from batctl.methods import reads_surrogate
+
+        return reads_surrogate(self.method, self.fuse)
 
     def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
         """(i, N) from --shard, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
@@ -150,7 +166,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     method = make_method(config.method)
     model = describe_input(config.model, fp)
     inputs: dict[str, Any] = {"model": model}
-    if method.needs_surrogate:
+    if config.reads_surrogate:
         surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(surrogate, model, "--surrogate")
         inputs["surrogate"] = describe_input(surrogate)

@@ -130,6 +130,23 @@ def test_fusion_adds_the_z_scores_of_influence_bm25_and_tfidf(setup, cli_module,
 
     expected = z(bm25) + z(tfidf) + z(influence)
     np.testing.assert_allclose(column(fused, "score"), expected, rtol=1e-4, atol=1e-4)
+    # the ablation without influence needs no surrogate
+    lexical = tmp_path / "lexical"
+    common = [a for a in common if a not in ("--surrogate", str(setup["sur"]), setup["sur"])]
+    result = cli_module(
+        "score",
+        *common,
+        "--method",
+        "fusion",
+        "--fuse",
+        "bm25",
+        "--fuse",
+        "tfidf",
+        "--out",
+        lexical,
+    )
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_allclose(column(lexical, "score"), z(bm25) + z(tfidf), rtol=1e-4, atol=1e-4)
     assert {p.name for p in fused.iterdir()} >= {
         "bm25",
         "tfidf",

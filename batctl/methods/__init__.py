@@ -13,11 +13,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from batctl.methods.base import Method, Result, Scorer, text_of
 
 METHODS = ("influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion")
 SURROGATE_METHODS = ("influence", "hybrid", "fusion")
 """Methods that read --surrogate (the others need no surrogate and no backward pass)."""
+
+
+def reads_surrogate(method: str, fuse: Sequence[str] = ()) -> bool:
+    """Whether `method` (with these --fuse parts, for fusion) needs the surrogate's gradients."""
+    if method == "fusion":
+        return "influence" in fuse
+    return method in SURROGATE_METHODS
 
 
 def make_method(name: str) -> Method:
@@ -46,4 +55,13 @@ def make_method(name: str) -> Method:
     return classes[name]()
 
 
-__all__ = ["METHODS", "SURROGATE_METHODS", "Method", "Result", "Scorer", "make_method", "text_of"]
+__all__ = [
+    "METHODS",
+    "SURROGATE_METHODS",
+    "Method",
+    "Result",
+    "Scorer",
+    "make_method",
+    "reads_surrogate",
+    "text_of",
+]

@@ -53,7 +53,6 @@ class Method(abc.ABC):
     """A selection method's flags and set-up; `prepare` returns its Scorer."""
 
     name: ClassVar[str]
-    needs_surrogate: ClassVar[bool] = False
 
     @abc.abstractmethod
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:

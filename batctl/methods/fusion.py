@@ -1,9 +1,9 @@
 """Influence fused with the lexical baselines (DESIGN §5b): one method, `--method fusion`.
 
-A pool sample's score is the sum of its standardised scores under influence (DESIGN §5, with
-`--normalize`), bm25 and tfidf:
+A pool sample's score is the sum of its standardised scores under the `--fuse` methods, by
+default influence (DESIGN §5, with `--normalize`), bm25 and tfidf:
 
-    s(x) = Σ_m (s_m(x) − μ_m) / σ_m,   m ∈ {influence, bm25, tfidf}
+    s(x) = Σ_m (s_m(x) − μ_m) / σ_m,   m ∈ --fuse
 
 Lexical overlap finds the target domain's vocabulary; the gradient finds what lowers the
 target loss at the surrogate. On the demo worlds neither ranks the target domain as well as
@@ -33,6 +33,7 @@ log = logging.getLogger("batctl.score")
 
 STATE = "fusion.safetensors"
 PARTS = ("influence", "bm25", "tfidf")
+"""The methods --fuse may name (and its default)."""
 INFLUENCE_SAMPLE = 512
 """Rows whose influence scores estimate influence's mean and spread."""
 
@@ -65,7 +66,7 @@ def moments(values: np.ndarray) -> tuple[float, float]:
 class FusionScorer(Scorer):
     def __init__(self, scorers: dict[str, Scorer], stats: dict[str, tuple[float, float]]) -> None:
         self.scorers, self.stats = scorers, stats
-        self.n_adaptation = scorers["influence"].n_adaptation
+        self.n_adaptation = next(iter(scorers.values())).n_adaptation
 
     def score(self, samples: Sequence[Sample], rows: Sequence[int]) -> list[Result]:
         total = np.zeros(len(samples))
@@ -80,12 +81,14 @@ class FusionScorer(Scorer):
         return [(float(t), None) if ok else None for t, ok in zip(total, usable, strict=True)]
 
     def attrs(self) -> dict[str, Any]:
-        return {f"{m}_mean_std": list(self.stats[m]) for m in PARTS}
+        return {
+            "fuse": list(self.scorers),
+            **{f"{m}_mean_std": list(v) for m, v in self.stats.items()},
+        }
 
 
 class Fusion(Method):
     name = "fusion"
-    needs_surrogate = True
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
         from batctl.methods import make_method
@@ -93,36 +96,36 @@ class Fusion(Method):
         from batctl.methods.influence import Influence
         from batctl.methods.lexical import load_state, save_state
 
+        parts = list(config.fuse)
         scorers: dict[str, Scorer] = {}
-        for name in ("bm25", "tfidf"):
+        for name in parts:
+            if name == "influence":
+                # The cosine, as the hybrid uses it: comparable across pools, not dominated by
+                # the few samples with huge gradients.
+                scorers[name] = Influence().prepare(
+                    work, pool, dataclasses.replace(config, normalize=True)
+                )
+                continue
             folder = work / name
             folder.mkdir(exist_ok=True)
             scorers[name] = make_method(name).prepare(folder, pool, config)
-        # The cosine, as the hybrid uses it: comparable across pools, not dominated by the few
-        # samples with huge gradients.
-        scorers["influence"] = Influence().prepare(
-            work, pool, dataclasses.replace(config, normalize=True)
-        )
         path = work / STATE
         if not path.is_file():
-            stats = {
-                name: moments(prefilter_all(pool, scorers[name])) for name in ("bm25", "tfidf")
-            }
-            n = sum(pool.row_counts())
-            sample = readable_samples(pool, every=max(1, math.ceil(n / INFLUENCE_SAMPLE)))
-            values = scorers["influence"].score(sample, list(range(len(sample))))
-            stats["influence"] = moments(
-                np.array([np.nan if v is None else v[0] for v in values], dtype=np.float64)
-            )
+            stats = {m: moments(prefilter_all(pool, scorers[m])) for m in parts if m != "influence"}
+            sampled = 0
+            if "influence" in scorers:
+                n = sum(pool.row_counts())
+                sample = readable_samples(pool, every=max(1, math.ceil(n / INFLUENCE_SAMPLE)))
+                values = scorers["influence"].score(sample, list(range(len(sample))))
+                stats["influence"] = moments(
+                    np.array([np.nan if v is None else v[0] for v in values], dtype=np.float64)
+                )
+                sampled = len(sample)
             save_state(
                 path,
-                {m: np.array(stats[m], dtype=np.float64) for m in PARTS},
-                {"parts": list(PARTS), "influence_sample": len(sample)},
+                {m: np.array(stats[m], dtype=np.float64) for m in parts},
+                {"parts": parts, "influence_sample": sampled},
             )
-            log.info(
-                "fusion: z-scores of %s (influence's spread from %d sampled rows)",
-                ", ".join(PARTS), len(sample),
-            )  # fmt: skip
+            log.info("fusion: z-scores of %s", ", ".join(parts))
         arrays = load_state(path)[0]
-        stats = {m: (float(arrays[m][0]), float(arrays[m][1])) for m in PARTS}
-        return FusionScorer(scorers, stats)
+        return FusionScorer(scorers, {m: (float(arrays[m][0]), float(arrays[m][1])) for m in parts})

@@ -97,7 +97,6 @@ class HybridScorer(Scorer):
 
 class Hybrid(Method):
     name = "hybrid"
-    needs_surrogate = True
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
         import dataclasses

@@ -162,7 +162,6 @@ class InfluenceScorer(Scorer):
 
 class Influence(Method):
     name = "influence"
-    needs_surrogate = True
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
         task = load_task_with_surrogate(config, Path(config.surrogate))
