@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from batctl import __version__
-from batctl.errors import BatctlError, UpToDate
+from batctl.errors import BatctlError, UpToDate, UsageError
 
 MANIFEST = "manifest.json"
 PARTIAL = "partial.json"
@@ -122,13 +122,20 @@ def utcnow() -> str:
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest of output `path`, or None when it has none (absent, partial or foreign)."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BatctlError(
-            f"{Path(path) / MANIFEST} is not valid JSON ({exc}); delete the directory or pass --force"
+            f"{Path(path) / MANIFEST} is not valid JSON ({exc}); it is not a batctl output: "
+            "choose another path"
         ) from None
+    if not isinstance(manifest, dict):
+        raise BatctlError(
+            f"{Path(path) / MANIFEST} holds a JSON {type(manifest).__name__}, not a batctl "
+            "manifest; choose another path"
+        )
+    return manifest
 
 
 def is_complete(path: Path) -> bool:
@@ -237,23 +244,71 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _input_paths(inputs: Mapping[str, Any]) -> Iterator[tuple[str, Path]]:
+    """(flag, resolved local path) of every input a manifest records; hub ids have none."""
+    for name, value in sorted(inputs.items()):
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Mapping) and item.get("kind") != "hub" and item.get("path"):
+                yield "--" + name.replace("_", "-"), Path(item["path"]).resolve()
+
+
+def check_out_path(path: Path, inputs: Mapping[str, Any]) -> None:
+    """UsageError when writing `path` could destroy something that is not ours to replace.
+
+    Publishing renames the old output aside and deletes it, and a failed run removes its work
+    dir, so `--out` must not be, hold, or lie inside any input of the run (the model, the data,
+    pool parts, upstream artifacts), nor be or hold the current directory, $HOME or /.
+    """
+    out = Path(path).resolve()
+    if out == Path(out.anchor):
+        raise UsageError(
+            f"--out {path}: is the filesystem root; choose a new directory for the output"
+        )
+    for what, place in (
+        ("the current directory", Path.cwd()),
+        ("your home directory", Path.home()),
+    ):
+        with contextlib.suppress(OSError, RuntimeError):
+            place = place.resolve()
+            if out == place or place.is_relative_to(out):
+                raise UsageError(
+                    f"--out {path}: is or holds {what} ({place}); choose a new directory for the output"
+                )
+    for flag, source in _input_paths(inputs):
+        if out == source:
+            raise UsageError(f"--out {path}: is the {flag} input itself; choose another --out")
+        if source.is_relative_to(out):
+            raise UsageError(f"--out {path}: holds the {flag} input {source}; choose another --out")
+        if out.is_relative_to(source):
+            raise UsageError(
+                f"--out {path}: lies inside the {flag} input {source}; choose another --out"
+            )
+
+
 def check_existing(path: Path, identity: Mapping[str, Any], force: bool) -> None:
-    """Decide what an existing output means for this run: UpToDate, refusal, or go ahead."""
+    """Decide what an existing output means for this run: UpToDate, refusal, or go ahead.
+
+    `force` replaces only what batctl may replace: an output of the same stage (or an empty
+    directory); a file, a folder batctl did not write and another stage's output never are.
+    """
+    check_out_path(path, identity.get("inputs", {}))
     if not path.exists() or _is_empty_dir(path):
         return
     if not path.is_dir():
-        if force:
-            return
         raise BatctlError(
-            f"{path} exists and is a file, not an output directory; pass --force to replace it"
+            f"{path} exists and is a file, not an output directory; batctl never replaces it: "
+            "choose another --out"
         )
     manifest = read_manifest(path)
     if manifest is None:
-        if force:
-            return
         raise BatctlError(
-            f"{path} exists and was not written by batctl (no {MANIFEST}); "
-            "choose another --out or pass --force to replace it"
+            f"{path} exists and was not written by batctl (no {MANIFEST}); batctl never deletes "
+            "a folder it did not write, even with --force: choose another --out"
+        )
+    if manifest.get("stage") != identity["stage"]:
+        raise BatctlError(
+            f"{path} holds a {manifest.get('stage', '?')} output, not a {identity['stage']} "
+            "output; --force replaces only an output of the same stage: choose another --out"
         )
     differences = diff_runs(manifest, identity)
     if not differences and not force:
@@ -345,6 +400,7 @@ def open_output(
     """
     path = Path(path).absolute()
     identity = run_identity(stage, params, inputs)
+    check_out_path(path, inputs)  # before the lock file: it must not land inside an input
     with output_lock(path):
         check_existing(path, identity, force)
         _remove_stale_siblings(path)

@@ -95,6 +95,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
 
     from batctl.artifacts import (
         check_existing,
+        check_out_path,
         check_same_model,
         describe_input,
         finish_output,
@@ -123,6 +124,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         inputs["target"] = describe_data(config.target, fp)
     identity = run_identity("score", config.params(), inputs)
     out = Path(config.out).absolute()
+    check_out_path(out, inputs)
     with output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
         check_existing(out, identity, config.force)
         # load: one process at a time lays out the store and computes the target

@@ -79,15 +79,23 @@ def test_changed_input_file_makes_the_output_stale(tmp_path):
         write(out, "x", inputs={"data": describe_input(data)})
 
 
-def test_a_directory_batctl_did_not_write_is_never_overwritten_without_force(tmp_path):
+def test_a_directory_batctl_did_not_write_is_never_overwritten_even_with_force(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(BatctlError, match="not written by batctl"):
-        write(mine, "x")
+    for force in (False, True):
+        with pytest.raises(BatctlError, match="not written by batctl"):
+            write(mine, "x", force=force)
     assert (mine / "notes.txt").read_text() == "precious"
-    write(mine, "x", force=True)
-    assert not (mine / "notes.txt").exists() and (mine / "manifest.json").exists()
+    assert not (mine / "manifest.json").exists()
+
+
+def test_force_replaces_only_an_output_of_the_same_stage(tmp_path):
+    out = write(tmp_path / "out", "first")
+    with pytest.raises(BatctlError, match="--force replaces only an output of the same stage"):
+        with open_output(out, stage="train", params={}, inputs={}, force=True):
+            pass
+    assert (out / "result.txt").read_text() == "first"
 
 
 def test_an_empty_directory_is_used(tmp_path):
