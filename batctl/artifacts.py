@@ -33,6 +33,7 @@ from typing import Any
 
 from batctl import __version__
 from batctl.errors import BatctlError, UpToDate, UsageError
+from batctl.metrics.report import jsonable
 
 MANIFEST = "manifest.json"
 PARTIAL = "partial.json"
@@ -146,7 +147,7 @@ def is_complete(path: Path) -> bool:
 def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
+        json.dump(jsonable(payload), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -180,35 +181,81 @@ def diff_runs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- locks
 
 
+def acquire_lock(lock_path: Path, *, shared: bool = False, wait: bool = False) -> int:
+    """An open fd holding flock on `lock_path` (created when absent).
+
+    Raises BlockingIOError when `wait` is False and another process holds it. A holder removes
+    the file when it lets go (`release_lock`), so after getting the lock we check that the path
+    still names the inode we locked; if not, whoever we waited for has removed it and we start
+    over on the new file. That is what makes removing lock files safe.
+    """
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(exc.errno, "lock is held", str(lock_path)) from None
+            raise
+        if _same_file(lock_path, fd):
+            return fd
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
+def release_lock(lock_path: Path, fd: int) -> None:
+    """Let go of a lock from `acquire_lock`, removing the file unless another process shares it.
+
+    A shared holder removes it only when it can take the lock exclusively (no one else holds
+    it); anyone blocked on the removed inode notices in `acquire_lock` and retries.
+    """
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(lock_path, fd):
+                os.unlink(lock_path)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 @contextlib.contextmanager
 def output_lock(path: Path, name: str | None = None, wait: bool = False) -> Iterator[Path]:
     """Hold the advisory lock `.NAME.lock` beside output `path` for the duration.
 
     Raises BatctlError naming the holder's pid when another process has it, or with `wait`
     blocks until it is free (score shards queue for the store's set-up and publication). The
-    lock file is left behind on purpose: deleting it would let a third process lock a
-    different inode.
+    lock file is removed when the run ends (short of SIGKILL; a killed run's file is simply
+    locked again by the next run, since flock dies with its process).
     """
     path = Path(path)
     lock_path = path.parent / f".{name or path.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise BatctlError(
-                f"{path} is being written by another batctl process (pid {holder}); "
-                "wait for it to finish or stop it"
-            ) from None
+        fd = acquire_lock(lock_path, wait=wait)
+    except BlockingIOError:
+        holder = "unknown"
+        with contextlib.suppress(OSError):
+            holder = lock_path.read_text(errors="replace").strip() or "unknown"
+        raise BatctlError(
+            f"{path} is being written by another batctl process (pid {holder}); "
+            "wait for it to finish or stop it"
+        ) from None
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
-        os.close(fd)  # closing releases the flock
+        release_lock(lock_path, fd)
 
 
 # --------------------------------------------------------------------------- output dirs
@@ -381,6 +428,18 @@ def _list_outputs(work: Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def naming_os_errors(path: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk, a file-size limit: the write call
+    knows no path) as the same error naming `path`, the output being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc} (while writing)", str(path)) from exc
+
+
+@contextlib.contextmanager
 def open_output(
     path: str | Path,
     *,
@@ -401,7 +460,7 @@ def open_output(
     path = Path(path).absolute()
     identity = run_identity(stage, params, inputs)
     check_out_path(path, inputs)  # before the lock file: it must not land inside an input
-    with output_lock(path):
+    with naming_os_errors(path), output_lock(path):
         check_existing(path, identity, force)
         _remove_stale_siblings(path)
         if resumable:

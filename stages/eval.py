@@ -257,7 +257,11 @@ def run(config: EvalConfig) -> dict[str, Any]:
     ) as out:
         # load
         heldout = load_samples(
-            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+            config.data,
+            flag="--data",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
         task = load_task(config.task_settings(), config.task)
         reference = None

@@ -471,8 +471,13 @@ class SampleTar:
     def write(self, key: str, raw: dict[str, bytes]) -> None:
         import io
 
+        from batctl.data.tario import unsafe_member_name
+
         for ext in sorted(raw):
             data = raw[ext]
+            why = unsafe_member_name(f"{key}.{ext}")
+            if why is not None:  # the readers never yield such a sample; refuse, never write it
+                raise BatctlError(f"sample {key!r} cannot go into samples.tar: {why}")
             info = self._tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             info.mtime = self.mtime
@@ -690,8 +695,11 @@ def write_manifest(directory: Path, out: Any, name: str) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    from batctl.metrics.report import jsonable  # strict JSON: NaN and infinities become null
+
     path.write_text(
-        json.dumps(payload, indent=2, sort_keys=False, allow_nan=True, default=str) + "\n",
+        json.dumps(jsonable(payload), indent=2, sort_keys=False, allow_nan=False, default=str)
+        + "\n",
         encoding="utf-8",
     )
 

@@ -77,7 +77,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     ) as out:
         # load
         adaptation = load_samples(
-            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+            config.data,
+            flag="--data",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
         backbone = []
         if config.selection is not None:

@@ -222,6 +222,7 @@ class DiffusionTask(Task):
         targets = list(adapter.targets) or list(
             ATTENTION_TARGETS + CONV_TARGETS if adapter.kind == "locon" else ATTENTION_TARGETS
         )
+        self.check_rank(adapter.rank, bare(self.model.unet))
         config = adapter.lora_config(targets, init_lora_weights=True)
         self.remove_adapter()
         torch.manual_seed(seed)
