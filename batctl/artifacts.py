@@ -480,6 +480,53 @@ def open_output(
         finish_output(work, path, identity, output.started, output.extra)
 
 
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's header with sorted keys, so equal tensors and metadata give
+    equal bytes: the library serialises the metadata from a hash map, whose order changes from
+    process to process. The tensors' bytes and offsets are untouched."""
+    import struct
+
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        header = json.loads(raw)
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        canonical += b" " * (-(8 + len(canonical)) % 8)  # the library aligns data to 8 bytes
+        if canonical == raw:
+            return
+        staging = path.with_name(path.name + ".tmp")
+        with staging.open("wb") as out:
+            out.write(struct.pack("<Q", len(canonical)) + canonical)
+            shutil.copyfileobj(fh, out, 4 * MIB)
+    os.replace(staging, path)
+
+
+#: adapter_config.json fields peft fills from a set (their order varies between runs)
+_SET_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Sort the set-valued lists of a peft adapter_config.json (peft writes `target_modules`
+    in a set's order) and rewrite it strictly (no NaN), keys sorted as peft writes them."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for name in _SET_FIELDS:
+        value = config.get(name)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[name] = sorted(value)
+    text = json.dumps(jsonable(config), indent=2, sort_keys=True, allow_nan=False)
+    if text != path.read_text(encoding="utf-8"):
+        path.write_text(text, encoding="utf-8")
+
+
+def canonicalize_outputs(work: Path) -> None:
+    """Make a finished work dir's bytes depend only on its content: two identical runs then
+    write identical files (the manifest's times and host aside)."""
+    for file in sorted(work.rglob("*.safetensors")):
+        canonical_safetensors(file)
+    for file in sorted(work.rglob("adapter_config.json")):
+        canonical_adapter_config(file)
+
+
 def finish_output(
     work: Path,
     path: Path,
@@ -492,6 +539,7 @@ def finish_output(
     The caller holds the output lock. `identity` is `run_identity(...)`; `extra` adds entries
     such as a summary to the manifest.
     """
+    canonicalize_outputs(work)
     manifest = {
         **identity,
         "version": __version__,

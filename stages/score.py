@@ -106,6 +106,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         run_identity,
     )
     from batctl.data import open_pool
+    from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
 
@@ -115,6 +116,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     model = describe_input(config.model, fp)
     surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
     check_same_model(surrogate, model, "--surrogate")
+    check_adapter_dir(surrogate, "--surrogate")
     inputs: dict[str, Any] = {
         "model": model,
         "surrogate": describe_input(surrogate),

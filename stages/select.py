@@ -164,6 +164,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
         inputs["pool"] = describe_data(pool_paths, fp)
     surrogate = None
     if config.model is not None:
+        from batctl.safeload import check_adapter_dir
+
         model = describe_input(config.model, fp)
         recorded = source.inputs.get("model")
         if isinstance(recorded, dict) and recorded.get("fingerprint") != model["fingerprint"]:
@@ -173,6 +175,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
             )
         surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(surrogate, model, "--surrogate")
+        check_adapter_dir(surrogate, "--surrogate")
         recorded_surrogate = source.inputs.get("surrogate")
         if (
             isinstance(recorded_surrogate, dict)

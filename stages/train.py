@@ -46,6 +46,7 @@ SAMPLES_TAR = "samples.tar"
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
     from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data, load_samples
     from batctl.tasks import load_task
     from batctl.training import train_adapter
@@ -71,6 +72,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if config.init == "surrogate":
         require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(config.surrogate, model, "--surrogate")
+        check_adapter_dir(config.surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(config.surrogate)
     with open_output(
         config.out, stage="train", params=config.params(), inputs=inputs, force=config.force

@@ -489,3 +489,135 @@ def test_15_an_os_error_names_the_path_it_hit(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and str(out) in errors[0] and "File too large" in errors[0], errors
     assert not out.exists() and tree_hashes(scores, *pool) == before
+
+
+# --------------------------------------------------------------------------- loaders (6-8)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["auto_map", "unknown_type"])
+def test_06_remote_code_needs_the_flag_and_the_message_names_it(cli, lm, tmp_path, how):
+    model = copy_tree(lm, tmp_path / "remote")
+    config = json.loads((model / "config.json").read_text())
+    if how == "auto_map":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    else:
+        config["model_type"] = "evilnet"
+    (model / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "d.jsonl", color_records(8, seed=1))
+    before = tree_hashes(model, data)
+    result = cli("train", "--model", model, "--data", data, "--out", tmp_path / "o", *FAST)
+    line = one_error(result, 2 if how == "auto_map" else 1)
+    assert "--trust-remote-code" in line
+    assert tree_hashes(model, data) == before and not (tmp_path / "o").exists()
+
+
+def test_07_pickled_adapters_and_models_are_refused(cli_module, lm, surrogate, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    sur, data = surrogate
+    pickled_sur = copy_tree(sur, tmp_path / "sur")
+    weights = pickled_sur / "adapter_model.safetensors"
+    torch.save(load_file(weights), pickled_sur / "adapter_model.bin")
+    weights.unlink()
+    pool = write_jsonl(tmp_path / "pool.jsonl", color_records(4, seed=3))
+    before = tree_hashes(pickled_sur, data, pool, lm)
+    result = cli_module("score", "--model", lm, "--surrogate", pickled_sur, "--data", data,
+                        "--pool", pool, "--out", tmp_path / "s")  # fmt: skip
+    line = one_error(result, 1)
+    assert "adapter_model.bin" in line and "convert it to safetensors" in line
+    model = copy_tree(lm, tmp_path / "model")
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    before.update(tree_hashes(model))
+    result = cli_module("train", "--model", model, "--data", data, "--out", tmp_path / "o", *FAST)
+    line = one_error(result, 1)
+    assert "pytorch_model.bin" in line and "convert it to safetensors" in line
+    assert tree_hashes(pickled_sur, data, pool, lm, model) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_08_a_damaged_adapter_is_reported_by_path_before_the_backbone_loads(
+    cli_module, lm, surrogate, tmp_path, damage
+):
+    import time
+
+    sur, data = surrogate
+    bad = copy_tree(sur, tmp_path / "bad")
+    weights = bad / "adapter_model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes(
+        {
+            "truncated": content[: len(content) - 100],
+            "garbage": b"\x89not a tensor file" * 50,
+            "empty": b"",
+        }[damage]  # fmt: skip
+    )
+    before = tree_hashes(bad, data, lm)
+    began = time.perf_counter()
+    result = cli_module("eval", "--model", lm, "--adapter", sur, "--adapter", bad,
+                        "--data", data, "--out", tmp_path / "e")  # fmt: skip
+    elapsed = time.perf_counter() - began
+    line = one_error(result, 1)
+    assert str(weights) in line and "damaged safetensors file" in line
+    assert elapsed < 30  # the backbone rows were never evaluated
+    assert tree_hashes(bad, data, lm) == before and not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------- determinism (16)
+
+
+def test_16_safetensors_headers_are_canonical(tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from batctl.artifacts import canonical_safetensors
+
+    tensors = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float64)}
+    keys = [f"key{i}" for i in range(40)]
+    paths = []
+    for order in (keys, keys[::-1]):
+        path = tmp_path / f"{len(paths)}.safetensors"
+        save_file(tensors, str(path), metadata={k: k.upper() for k in order})
+        canonical_safetensors(path)
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    loaded = load_file(str(paths[0]))
+    assert (loaded["a"] == tensors["a"]).all() and (loaded["b"] == tensors["b"]).all()
+
+
+def _bytes_of(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"  # its times and host differ by design
+    }
+
+
+def test_16_two_identical_runs_write_identical_bytes(cli_module, lm, surrogate, tmp_path):
+    sur, data = surrogate
+    pool = write_jsonl(tmp_path / "pool.jsonl", color_records(6, seed=2))
+    before = tree_hashes(data, pool, lm, sur)
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        common = ["--model", lm, "--data", data]
+        surrogate_args = [*common, "--out", out / "sur", "--lr", "1e-2", "--targets", "q_proj",
+                          "--targets", "v_proj", "--targets", "o_proj", "--steps", "2"]  # fmt: skip
+        no_error(cli_module("surrogate", *surrogate_args))
+        no_error(cli_module("score", *common, "--surrogate", sur, "--pool", pool,
+                            "--out", out / "scores"))  # fmt: skip
+        runs.append(out)
+    first, second = _bytes_of(runs[0]), _bytes_of(runs[1])
+    assert "sur/adapter_config.json" in first and "scores/target.safetensors" in first
+    assert first == second
+    config = json.loads((runs[0] / "sur" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["o_proj", "q_proj", "v_proj"]
+    assert tree_hashes(data, pool, lm, sur) == before

@@ -184,7 +184,9 @@ def scan_json_array(
             return
         offset = r.base + s
         data = r.buf[s:e]
-        if r.buf[s] != 0x7B:
+        if e - s > max_bytes:  # found whole within the read-ahead: skipped, the scan goes on
+            yield offset, None, oversized(max_bytes, "JSON array element")
+        elif r.buf[s] != 0x7B:
             yield offset, data, Bad("json", "array element is not a JSON object")
         else:
             yield offset, data, None

@@ -89,10 +89,13 @@ class LMTask(Task):
                 settings.model,
                 dtype=DTYPES[settings.dtype],
                 trust_remote_code=settings.trust_remote_code,
+                use_safetensors=True,  # never torch.load a pickle
             )
-        except OSError as exc:
+        except (OSError, ValueError, KeyError) as exc:
+            from batctl.tasks import library_error
+
             raise BatctlError(
-                f"--model {settings.model}: cannot load a causal LM ({exc})"
+                library_error(f"--model {settings.model}: cannot load a causal LM", exc)
             ) from None
         base.requires_grad_(False)
         base.eval()  # dropout off in the backbone; the adapter's own dropout follows train()/eval()
@@ -144,12 +147,17 @@ class LMTask(Task):
     def load_adapter(self, path: Path, trainable: bool = False) -> None:
         from peft import PeftModel
 
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise BatctlError(
-                f"{path}: no adapter_config.json; expected an adapter directory written by batctl"
-            )
+        from batctl.safeload import check_adapter_dir
+        from batctl.tasks import library_error
+
+        check_adapter_dir(path, "adapter")
         self.remove_adapter()  # a second adapter replaces the first instead of stacking on it
-        self.model = PeftModel.from_pretrained(self.base, str(path), is_trainable=trainable)
+        try:
+            self.model = PeftModel.from_pretrained(self.base, str(path), is_trainable=trainable)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BatctlError(
+                library_error(f"{path}: cannot load this adapter onto {self.settings.model}", exc)
+            ) from None
         self.model.to(self.device)
 
     def save_adapter(self, path: Path) -> None:
