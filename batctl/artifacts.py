@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from batctl import __version__
-from batctl.errors import BatctlError, UpToDate
+from batctl.errors import BatctlError, UpToDate, UsageError
+from batctl.metrics.report import jsonable
 
 MANIFEST = "manifest.json"
 PARTIAL = "partial.json"
@@ -122,13 +123,20 @@ def utcnow() -> str:
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest of output `path`, or None when it has none (absent, partial or foreign)."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BatctlError(
-            f"{Path(path) / MANIFEST} is not valid JSON ({exc}); delete the directory or pass --force"
+            f"{Path(path) / MANIFEST} is not valid JSON ({exc}); it is not a batctl output: "
+            "choose another path"
         ) from None
+    if not isinstance(manifest, dict):
+        raise BatctlError(
+            f"{Path(path) / MANIFEST} holds a JSON {type(manifest).__name__}, not a batctl "
+            "manifest; choose another path"
+        )
+    return manifest
 
 
 def is_complete(path: Path) -> bool:
@@ -139,7 +147,7 @@ def is_complete(path: Path) -> bool:
 def _write_json_durably(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
+        json.dump(jsonable(payload), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -173,35 +181,81 @@ def diff_runs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- locks
 
 
+def acquire_lock(lock_path: Path, *, shared: bool = False, wait: bool = False) -> int:
+    """An open fd holding flock on `lock_path` (created when absent).
+
+    Raises BlockingIOError when `wait` is False and another process holds it. A holder removes
+    the file when it lets go (`release_lock`), so after getting the lock we check that the path
+    still names the inode we locked; if not, whoever we waited for has removed it and we start
+    over on the new file. That is what makes removing lock files safe.
+    """
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(exc.errno, "lock is held", str(lock_path)) from None
+            raise
+        if _same_file(lock_path, fd):
+            return fd
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
+def release_lock(lock_path: Path, fd: int) -> None:
+    """Let go of a lock from `acquire_lock`, removing the file unless another process shares it.
+
+    A shared holder removes it only when it can take the lock exclusively (no one else holds
+    it); anyone blocked on the removed inode notices in `acquire_lock` and retries.
+    """
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(lock_path, fd):
+                os.unlink(lock_path)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 @contextlib.contextmanager
 def output_lock(path: Path, name: str | None = None, wait: bool = False) -> Iterator[Path]:
     """Hold the advisory lock `.NAME.lock` beside output `path` for the duration.
 
     Raises BatctlError naming the holder's pid when another process has it, or with `wait`
     blocks until it is free (score shards queue for the store's set-up and publication). The
-    lock file is left behind on purpose: deleting it would let a third process lock a
-    different inode.
+    lock file is removed when the run ends (short of SIGKILL; a killed run's file is simply
+    locked again by the next run, since flock dies with its process).
     """
     path = Path(path)
     lock_path = path.parent / f".{name or path.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise BatctlError(
-                f"{path} is being written by another batctl process (pid {holder}); "
-                "wait for it to finish or stop it"
-            ) from None
+        fd = acquire_lock(lock_path, wait=wait)
+    except BlockingIOError:
+        holder = "unknown"
+        with contextlib.suppress(OSError):
+            holder = lock_path.read_text(errors="replace").strip() or "unknown"
+        raise BatctlError(
+            f"{path} is being written by another batctl process (pid {holder}); "
+            "wait for it to finish or stop it"
+        ) from None
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
-        os.close(fd)  # closing releases the flock
+        release_lock(lock_path, fd)
 
 
 # --------------------------------------------------------------------------- output dirs
@@ -237,23 +291,71 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _input_paths(inputs: Mapping[str, Any]) -> Iterator[tuple[str, Path]]:
+    """(flag, resolved local path) of every input a manifest records; hub ids have none."""
+    for name, value in sorted(inputs.items()):
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Mapping) and item.get("kind") != "hub" and item.get("path"):
+                yield "--" + name.replace("_", "-"), Path(item["path"]).resolve()
+
+
+def check_out_path(path: Path, inputs: Mapping[str, Any]) -> None:
+    """UsageError when writing `path` could destroy something that is not ours to replace.
+
+    Publishing renames the old output aside and deletes it, and a failed run removes its work
+    dir, so `--out` must not be, hold, or lie inside any input of the run (the model, the data,
+    pool parts, upstream artifacts), nor be or hold the current directory, $HOME or /.
+    """
+    out = Path(path).resolve()
+    if out == Path(out.anchor):
+        raise UsageError(
+            f"--out {path}: is the filesystem root; choose a new directory for the output"
+        )
+    for what, place in (
+        ("the current directory", Path.cwd()),
+        ("your home directory", Path.home()),
+    ):
+        with contextlib.suppress(OSError, RuntimeError):
+            place = place.resolve()
+            if out == place or place.is_relative_to(out):
+                raise UsageError(
+                    f"--out {path}: is or holds {what} ({place}); choose a new directory for the output"
+                )
+    for flag, source in _input_paths(inputs):
+        if out == source:
+            raise UsageError(f"--out {path}: is the {flag} input itself; choose another --out")
+        if source.is_relative_to(out):
+            raise UsageError(f"--out {path}: holds the {flag} input {source}; choose another --out")
+        if out.is_relative_to(source):
+            raise UsageError(
+                f"--out {path}: lies inside the {flag} input {source}; choose another --out"
+            )
+
+
 def check_existing(path: Path, identity: Mapping[str, Any], force: bool) -> None:
-    """Decide what an existing output means for this run: UpToDate, refusal, or go ahead."""
+    """Decide what an existing output means for this run: UpToDate, refusal, or go ahead.
+
+    `force` replaces only what batctl may replace: an output of the same stage (or an empty
+    directory); a file, a folder batctl did not write and another stage's output never are.
+    """
+    check_out_path(path, identity.get("inputs", {}))
     if not path.exists() or _is_empty_dir(path):
         return
     if not path.is_dir():
-        if force:
-            return
         raise BatctlError(
-            f"{path} exists and is a file, not an output directory; pass --force to replace it"
+            f"{path} exists and is a file, not an output directory; batctl never replaces it: "
+            "choose another --out"
         )
     manifest = read_manifest(path)
     if manifest is None:
-        if force:
-            return
         raise BatctlError(
-            f"{path} exists and was not written by batctl (no {MANIFEST}); "
-            "choose another --out or pass --force to replace it"
+            f"{path} exists and was not written by batctl (no {MANIFEST}); batctl never deletes "
+            "a folder it did not write, even with --force: choose another --out"
+        )
+    if manifest.get("stage") != identity["stage"]:
+        raise BatctlError(
+            f"{path} holds a {manifest.get('stage', '?')} output, not a {identity['stage']} "
+            "output; --force replaces only an output of the same stage: choose another --out"
         )
     differences = diff_runs(manifest, identity)
     if not differences and not force:
@@ -326,6 +428,18 @@ def _list_outputs(work: Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def naming_os_errors(path: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk, a file-size limit: the write call
+    knows no path) as the same error naming `path`, the output being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc} (while writing)", str(path)) from exc
+
+
+@contextlib.contextmanager
 def open_output(
     path: str | Path,
     *,
@@ -345,7 +459,8 @@ def open_output(
     """
     path = Path(path).absolute()
     identity = run_identity(stage, params, inputs)
-    with output_lock(path):
+    check_out_path(path, inputs)  # before the lock file: it must not land inside an input
+    with naming_os_errors(path), output_lock(path):
         check_existing(path, identity, force)
         _remove_stale_siblings(path)
         if resumable:
@@ -365,6 +480,53 @@ def open_output(
         finish_output(work, path, identity, output.started, output.extra)
 
 
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's header with sorted keys, so equal tensors and metadata give
+    equal bytes: the library serialises the metadata from a hash map, whose order changes from
+    process to process. The tensors' bytes and offsets are untouched."""
+    import struct
+
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+        header = json.loads(raw)
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        canonical += b" " * (-(8 + len(canonical)) % 8)  # the library aligns data to 8 bytes
+        if canonical == raw:
+            return
+        staging = path.with_name(path.name + ".tmp")
+        with staging.open("wb") as out:
+            out.write(struct.pack("<Q", len(canonical)) + canonical)
+            shutil.copyfileobj(fh, out, 4 * MIB)
+    os.replace(staging, path)
+
+
+#: adapter_config.json fields peft fills from a set (their order varies between runs)
+_SET_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Sort the set-valued lists of a peft adapter_config.json (peft writes `target_modules`
+    in a set's order) and rewrite it strictly (no NaN), keys sorted as peft writes them."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for name in _SET_FIELDS:
+        value = config.get(name)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[name] = sorted(value)
+    text = json.dumps(jsonable(config), indent=2, sort_keys=True, allow_nan=False)
+    if text != path.read_text(encoding="utf-8"):
+        path.write_text(text, encoding="utf-8")
+
+
+def canonicalize_outputs(work: Path) -> None:
+    """Make a finished work dir's bytes depend only on its content: two identical runs then
+    write identical files (the manifest's times and host aside)."""
+    for file in sorted(work.rglob("*.safetensors")):
+        canonical_safetensors(file)
+    for file in sorted(work.rglob("adapter_config.json")):
+        canonical_adapter_config(file)
+
+
 def finish_output(
     work: Path,
     path: Path,
@@ -377,6 +539,7 @@ def finish_output(
     The caller holds the output lock. `identity` is `run_identity(...)`; `extra` adds entries
     such as a summary to the manifest.
     """
+    canonicalize_outputs(work)
     manifest = {
         **identity,
         "version": __version__,

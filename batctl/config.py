@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import re
 import tomllib
 import types
@@ -183,6 +184,32 @@ def _coerce(spec: FieldSpec, value: Any, source: str) -> tuple[Any, str | None]:
     return converted, None
 
 
+SEED_LIMIT = 1 << 32
+"""Seeds are in [0, 2^32): what numpy's and torch's seeding accept everywhere."""
+
+INT_LIMIT = (1 << 31) - 1
+"""Every other integer flag fits a signed 32-bit int: counts, sizes and steps beyond it are
+typos, and would otherwise surface as an allocator or overflow traceback deep in a library."""
+
+
+def number_problem(spec: FieldSpec, value: Any) -> str | None:
+    """Why a parsed number cannot be used, naming its flag, or None.
+
+    Floats must be finite (`nan`, `inf` and `1e400` all parse); seeds must be in [0, 2^32);
+    other integers within a signed 32-bit int.
+    """
+    flag = flag_name(spec.name)
+    for item in value if spec.multiple and isinstance(value, tuple) else [value]:
+        if spec.base is float and isinstance(item, float) and not math.isfinite(item):
+            return f"{flag} must be a finite number, got {item!r}"
+        if spec.base is int and isinstance(item, int):
+            if spec.name.endswith("seed") and not 0 <= item < SEED_LIMIT:
+                return f"{flag} must be in [0, 2^32), got {item}"
+            if abs(item) > INT_LIMIT:
+                return f"{flag}: {item} is out of range (at most {INT_LIMIT})"
+    return None
+
+
 def _read_toml_file(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -338,6 +365,11 @@ class StageConfig:
         for name in cls.REQUIRED:
             if values.get(name) in (None, ()):
                 problems.append(f"{flag_name(name)} is required")
+        for key, value in list(values.items()):
+            problem = number_problem(specs[key], value)
+            if problem:
+                problems.append(problem)
+                del values[key]  # the semantic checks below see the default instead
         # Semantic checks run even when some flags were bad, on the values that did parse, so
         # one invocation shows every problem.
         config = cls(**values)  # type: ignore[call-arg]
@@ -439,6 +471,9 @@ class DataOptions(ModelOptions):
     max_length: int = 512
     """LM: longest sequence in tokens; longer samples are truncated and the count reported."""
 
+    max_sample_mib: int = 16
+    """Largest sample read, in MiB of raw bytes (a JSONL line, a tar sample's members); a larger one is skipped unread and counted as unreadable."""
+
     instance_prompt: str | None = None
     """Diffusion: the prompt for every adaptation image, e.g. "a photo of sks dog"."""
 
@@ -464,13 +499,24 @@ class DataOptions(ModelOptions):
             flip=self.flip,
         )
 
+    def max_sample_bytes(self) -> int:
+        """--max-sample-mib in bytes, what the pool readers take."""
+        return self.max_sample_mib << 20
+
     def problems(self) -> list[str]:
         out = super().problems()
         if self.max_length < 1:
             out.append(f"--max-length must be >= 1, got {self.max_length}")
+        if not 1 <= self.max_sample_mib <= 1 << 20:
+            out.append(f"--max-sample-mib must be in [1, 2^20], got {self.max_sample_mib}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             out.append(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         return out
+
+
+MAX_RANK = 65536
+"""No layer of any released backbone is this wide; the exact bound (the adapted layers' width)
+is checked when the adapter is added."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,6 +573,10 @@ class TrainingOptions(DataOptions):
         for name in ("rank", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 out.append(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.rank > MAX_RANK:
+            out.append(f"--rank must be <= {MAX_RANK}, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            out.append(f"--alpha must be > 0, got {self.alpha}")
         if self.epochs is None and (self.steps is None or self.steps < 1):
             out.append("--steps must be >= 1 (or give --epochs)")
         if self.epochs is not None and self.epochs < 1:
@@ -537,6 +587,8 @@ class TrainingOptions(DataOptions):
             out.append(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.warmup_steps < 0 or self.save_every < 0:
             out.append("--warmup-steps and --save-every must be >= 0")
+        elif self.epochs is None and self.steps is not None and self.warmup_steps > self.steps:
+            out.append(f"--warmup-steps must be <= --steps ({self.steps}), got {self.warmup_steps}")
         return out
 
     # -- what the library needs from these flags

@@ -114,7 +114,12 @@ def error(message: str) -> None:
 def print_result(result: Mapping[str, Any], as_json: bool) -> None:
     """A stage's result on stdout: JSON with --json, else `key: value` lines."""
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        from batctl.metrics.report import jsonable  # strict JSON: no NaN or Infinity
+
+        payload = jsonable(result)
+        sys.stdout.write(
+            json.dumps(payload, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+        )
         return
     for key, value in result.items():
         if isinstance(value, str) and "\n" in value:  # a block (the demo's table): as it is

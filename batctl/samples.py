@@ -12,6 +12,7 @@ from typing import Any
 
 from batctl.artifacts import describe_input
 from batctl.data import Sample, expand_specs, open_pool
+from batctl.data.core import DEFAULT_MAX_SAMPLE_BYTES
 from batctl.errors import BatctlError
 
 log = logging.getLogger("batctl.samples")
@@ -24,10 +25,18 @@ def load_samples(
     strict: bool = False,
     paragraphs: bool = False,
     allow_empty: bool = False,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> list[Sample]:
-    """Every readable sample of `specs`, in order. Unreadable ones are counted and skipped (or
-    fatal with `strict`); none readable at all is a BatctlError naming `flag` and the files."""
-    pool = open_pool(specs, strict=strict, paragraphs=paragraphs, require_caption=False)
+    """Every readable sample of `specs`, in order. Unreadable ones (including any larger than
+    `max_sample_bytes`) are counted and skipped (or fatal with `strict`); none readable at all
+    is a BatctlError naming `flag` and the files."""
+    pool = open_pool(
+        specs,
+        strict=strict,
+        paragraphs=paragraphs,
+        require_caption=False,
+        max_sample_bytes=max_sample_bytes,
+    )
     samples = list(pool)
     if pool.stats.bad:
         log.warning(

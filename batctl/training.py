@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from batctl.data import Sample
+from batctl.errors import BatctlError, UsageError
 from batctl.tasks.base import Role, Task
 
 log = logging.getLogger("batctl.training")
@@ -158,6 +159,11 @@ def train_adapter(
         Example(s, "pool") for s in backbone
     ]
     steps = total_steps(settings, len(examples))
+    if settings.warmup_steps > steps:
+        raise UsageError(
+            f"--warmup-steps {settings.warmup_steps} is more than the run's {steps} steps; "
+            "lower it or train longer"
+        )
     params = list(task.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -180,16 +186,20 @@ def train_adapter(
                 )
                 loss.backward()
                 step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise_diverged(step + 1, f"the loss is {step_loss}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "loss": step_loss, "lr": lr}
             history.append(record)
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json.dumps(record, allow_nan=False) + "\n")
             advance(1, loss=step_loss, lr=lr)
             if settings.save_every and (step + 1) % settings.save_every == 0:
+                check_finite_weights(task, step + 1)
                 task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
     task.model.eval()
+    check_finite_weights(task, steps)
     task.save_adapter(out_dir)
     plot_loss(history, out_dir / "loss.png")
     return {
@@ -200,6 +210,21 @@ def train_adapter(
         "adaptation_samples": len(adaptation),
         "backbone_samples": len(backbone),
     }
+
+
+def raise_diverged(step: int, what: str) -> None:
+    """The one error for a run that went non-finite: nothing of it is published."""
+    raise BatctlError(
+        f"training diverged at step {step}: {what}; no adapter was written "
+        "(lower --lr, check --alpha, or look for a sample with an extreme loss)"
+    )
+
+
+def check_finite_weights(task: Task, step: int) -> None:
+    """BatctlError when any adapter weight is NaN or infinite: such an adapter is never saved."""
+    for name, param in task.trainable_parameters().items():
+        if not bool(torch.isfinite(param.detach()).all()):
+            raise_diverged(step, f"adapter weight {name} is not finite")
 
 
 def plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:

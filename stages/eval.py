@@ -72,11 +72,13 @@ def check_adapter(
     """
     from batctl.artifacts import check_same_model, describe, read_manifest
     from batctl.errors import BatctlError
+    from batctl.safeload import check_adapter_dir
 
     path = Path(path)
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is None:
         if allow_foreign and (path / "adapter_config.json").is_file():
+            check_adapter_dir(path, flag)
             return path
         state = describe(path)["state"]
         hint = {
@@ -93,6 +95,7 @@ def check_adapter(
             "(the output of batctl surrogate or batctl train)"
         )
     check_same_model(path, model, flag)
+    check_adapter_dir(path, flag)  # now, not after minutes on the rows before it
     return path
 
 
@@ -263,7 +266,11 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
         # load
         heldout = load_samples(
-            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+            config.data,
+            flag="--data",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
         task = load_task(config.task_settings(), config.task)
         reference = None

@@ -147,9 +147,11 @@ def run(config: ScoreConfig) -> dict[str, Any]:
 
     from batctl.artifacts import (
         check_existing,
+        check_out_path,
         check_same_model,
         describe_input,
         finish_output,
+        naming_os_errors,
         open_partial,
         output_lock,
         require_stage,
@@ -157,6 +159,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     )
     from batctl.data import open_pool
     from batctl.methods import make_method
+    from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
 
@@ -169,6 +172,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     if config.reads_surrogate:
         surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(surrogate, model, "--surrogate")
+        check_adapter_dir(surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(surrogate)
     inputs["data"] = describe_data(config.data, fp)
     inputs["pool"] = describe_data(config.pool, fp)
@@ -176,7 +180,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         inputs["target"] = describe_data(config.target, fp)
     identity = run_identity("score", config.params(), inputs)
     out = Path(config.out).absolute()
-    with output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
+    check_out_path(out, inputs)
+    with naming_os_errors(out), output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
         check_existing(out, identity, config.force)
         # load: one process at a time lays out the store and computes the target
         with output_lock(out, wait=True):
@@ -188,7 +193,11 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             work, _ = open_partial(out, identity, config.force)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
             pool = open_pool(
-                config.pool, strict=config.strict, paragraphs=config.paragraphs, decode=False
+                config.pool,
+                strict=config.strict,
+                paragraphs=config.paragraphs,
+                max_sample_bytes=config.max_sample_bytes(),
+                decode=False,
             )
             n_rows = None if ScoreStore.exists(work) else count_rows(pool, config)
             scorer = method.prepare(work, pool, config)
@@ -211,6 +220,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                     "shard %d/%d finished; another shard already published %s", shard, shards, out
                 )
             elif ScoreStore.open(work).is_complete():
+                refuse_if_nothing_scored(work, ScoreStore.open(work).progress())
                 finish_output(
                     work, out, identity, started, {"summary": ScoreStore.open(work).progress()}
                 )
@@ -226,6 +236,17 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                     out,
                 )
     return {"out": str(config.out), **summary}
+
+
+def refuse_if_nothing_scored(work: Path, progress: dict[str, Any]) -> None:
+    """A store without one finite score is not a result: it stays unpublished, for inspection."""
+    status = progress["status"]
+    if status["scored"] == 0:
+        counts = ", ".join(f"{n} {name}" for name, n in status.items() if n)
+        raise BatctlError(
+            f"--pool: no sample got a finite score ({counts}); nothing was published, the store "
+            f"is kept in {work} for inspection (see the warnings above, or batctl info)"
+        )
 
 
 def partial_matches(out: Path, identity: dict[str, Any]) -> bool:
@@ -246,37 +267,35 @@ def scoring_lock_path(out: Path) -> Path:
 def scoring_lock(out: Path) -> Any:
     """A shared lock every scoring process holds while it writes chunks (returned already held)."""
     import contextlib
-    import fcntl
-    import os
 
-    fd = os.open(scoring_lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    from batctl.artifacts import acquire_lock, release_lock
+
+    path = scoring_lock_path(out)
+    fd = acquire_lock(path, shared=True, wait=True)
 
     @contextlib.contextmanager
     def held() -> Any:
         try:
             yield
         finally:
-            os.close(fd)
+            release_lock(path, fd)
 
     return held()
 
 
 def refuse_while_scoring(out: Path) -> None:
     """BatctlError when any process is scoring into `out`'s partial store."""
-    import fcntl
-    import os
+    from batctl.artifacts import acquire_lock, release_lock
 
-    fd = os.open(scoring_lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    path = scoring_lock_path(out)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        fd = acquire_lock(path)
+    except BlockingIOError:
         raise BatctlError(
             f"{out}: other score processes (shards) are writing its unfinished store; "
             "wait for them or stop them before starting over with other params or --force"
         ) from None
-    finally:
-        os.close(fd)
+    release_lock(path, fd)
 
 
 def count_rows(pool: Any, config: ScoreConfig) -> int:

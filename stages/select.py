@@ -184,6 +184,8 @@ def run(config: SelectConfig) -> dict[str, Any]:
         inputs["pool"] = describe_data(pool_paths, fp)
     surrogate = None
     if config.loads_model:
+        from batctl.safeload import check_adapter_dir
+
         model = describe_input(config.model, fp)
         recorded = source.inputs.get("model")
         if isinstance(recorded, dict) and recorded.get("fingerprint") != model["fingerprint"]:
@@ -193,6 +195,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
             )
         surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(surrogate, model, "--surrogate")
+        check_adapter_dir(surrogate, "--surrogate")
         recorded_surrogate = source.inputs.get("surrogate")
         if (
             isinstance(recorded_surrogate, dict)
@@ -512,8 +515,13 @@ class SampleTar:
     def write(self, key: str, raw: dict[str, bytes]) -> None:
         import io
 
+        from batctl.data.tario import unsafe_member_name
+
         for ext in sorted(raw):
             data = raw[ext]
+            why = unsafe_member_name(f"{key}.{ext}")
+            if why is not None:  # the readers never yield such a sample; refuse, never write it
+                raise BatctlError(f"sample {key!r} cannot go into samples.tar: {why}")
             info = self._tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             info.mtime = self.mtime
@@ -734,8 +742,11 @@ def write_manifest(directory: Path, out: Any, name: str) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    from batctl.metrics.report import jsonable  # strict JSON: NaN and infinities become null
+
     path.write_text(
-        json.dumps(payload, indent=2, sort_keys=False, allow_nan=True, default=str) + "\n",
+        json.dumps(jsonable(payload), indent=2, sort_keys=False, allow_nan=False, default=str)
+        + "\n",
         encoding="utf-8",
     )
 

@@ -34,7 +34,11 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
 
         # load
         adaptation = load_samples(
-            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+            config.data,
+            flag="--data",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
         task = load_task(config.task_settings(), config.task)
         task.add_adapter(config.adapter_settings(), seed=config.seed)

@@ -46,6 +46,7 @@ SAMPLES_TAR = "samples.tar"
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
     from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data, load_samples
 
     # setup: every input checked before the model is loaded
@@ -69,6 +70,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if config.init == "surrogate":
         require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(config.surrogate, model, "--surrogate")
+        check_adapter_dir(config.surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(config.surrogate)
     with open_output(
         config.out, stage="train", params=config.params(), inputs=inputs, force=config.force
@@ -79,7 +81,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
         # load
         adaptation = load_samples(
-            config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+            config.data,
+            flag="--data",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
         backbone = []
         if config.selection is not None:

@@ -43,7 +43,7 @@ def test_manifest_is_written_with_the_contract_fields(tmp_path):
     assert manifest["params"] == PARAMS
     assert manifest["outputs"] == {"result.txt": 1}
     assert manifest["inputs"]["data"]["fingerprint"] == fingerprint_file(data)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "data.jsonl", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "out"]
 
 
 def test_same_run_twice_is_up_to_date_and_touches_nothing(tmp_path):
@@ -79,15 +79,23 @@ def test_changed_input_file_makes_the_output_stale(tmp_path):
         write(out, "x", inputs={"data": describe_input(data)})
 
 
-def test_a_directory_batctl_did_not_write_is_never_overwritten_without_force(tmp_path):
+def test_a_directory_batctl_did_not_write_is_never_overwritten_even_with_force(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(BatctlError, match="not written by batctl"):
-        write(mine, "x")
+    for force in (False, True):
+        with pytest.raises(BatctlError, match="not written by batctl"):
+            write(mine, "x", force=force)
     assert (mine / "notes.txt").read_text() == "precious"
-    write(mine, "x", force=True)
-    assert not (mine / "notes.txt").exists() and (mine / "manifest.json").exists()
+    assert not (mine / "manifest.json").exists()
+
+
+def test_force_replaces_only_an_output_of_the_same_stage(tmp_path):
+    out = write(tmp_path / "out", "first")
+    with pytest.raises(BatctlError, match="--force replaces only an output of the same stage"):
+        with open_output(out, stage="train", params={}, inputs={}, force=True):
+            pass
+    assert (out / "result.txt").read_text() == "first"
 
 
 def test_an_empty_directory_is_used(tmp_path):
@@ -101,7 +109,7 @@ def test_a_failing_stage_leaves_no_output_and_no_temporary(tmp_path):
         with open_output(tmp_path / "out", stage="demo", params=PARAMS, inputs={}) as out:
             (out.work / "half.txt").write_text("half")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_fingerprint_sees_size_and_both_ends_of_big_files(tmp_path):
@@ -177,7 +185,7 @@ def test_sigkill_mid_write_leaves_nothing_that_looks_complete(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert artifacts.is_complete(out)
     assert len(json.loads((out / "manifest.json").read_text())["outputs"]) == 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_sigkill_while_replacing_keeps_the_previous_complete_output(tmp_path):

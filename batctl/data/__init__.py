@@ -31,8 +31,8 @@ tar (``.tar``; ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``)
     one sample with key ``photo.v2`` and extensions ``jpg``, ``txt`` (webdataset itself splits at
     the first dot and would give key ``photo``, extensions ``v2.jpg``, ``v2.txt``).
     ``TarWriter`` writes ``key + "." + ext``, so any key survives the round trip.  Extensions
-    are lower-cased; members without an extension, directories, links and webdataset
-    ``__meta__`` members are skipped.  webdataset-style compound extensions that are not in
+    are lower-cased; members without an extension, directories and webdataset ``__meta__``
+    members are skipped; link members are counted as bad samples (see below).  webdataset-style compound extensions that are not in
     the list (``seg.png``) end up in the key.  A key that comes back later in the same tar, or
     a repeated extension, starts a new sample with the same key.
     Offset: byte offset of the sample's first header block (its GNU longname/PAX header when
@@ -46,7 +46,8 @@ JSON array (``.json`` whose first byte is ``[``)
     ``raw = {"json": <the element's exact bytes>}``, plus the image file's bytes under its
     extension when the record has an ``image`` path (relative to the JSON file's directory).
     A ``.json`` file whose first byte is ``{`` is read as JSON Lines (``Dataset.to_json``
-    writes those).
+    writes those) when it holds two or more one-line records; a single top-level object
+    (one line or pretty-printed, e.g. ``{"data": [...]}``) is a UsageError naming the file.
 JSON Lines (``.jsonl``, ``.ndjson``)
     One object per non-blank line; offset = byte offset of the line; keys and raw as for JSON
     arrays, n counting non-blank lines.
@@ -73,6 +74,17 @@ When no key can be derived (an unparseable tar header or metadata line) the key 
 ``@<offset>``.  Keys are unique within a part for well-formed data; duplicate ``id`` fields,
 duplicate tar members or two images with the same stem (``a.jpg``, ``a.png``) in an image folder
 are not checked (that would need memory that grows with the pool).
+
+Hostile input
+-------------
+A sample larger than ``max_sample_bytes`` (default 16 MiB of raw bytes: a JSONL or text line,
+a paragraph, a JSON array element, the members of one tar sample) is skipped without being
+read whole and counted as ``oversized`` (a JSON array cannot be resynchronised after one, so
+its scan ends there).  Tar members whose names hold ``..`` components, absolute paths or NUL
+bytes (``unsafe_name``) and symbolic or hard link members (``link``) make their sample bad;
+such names never reach ``select``'s ``samples.tar``.  A file whose magic bytes say gzip, bzip2
+or xz is read decompressed whatever its name (with a warning to rename it); zstd is a
+UsageError.
 
 Bad samples
 -----------

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Largest sample a reader takes (raw bytes): one hostile line or member must not exhaust memory.
+DEFAULT_MAX_SAMPLE_BYTES = 16 << 20
+
 #: Image members, in the order in which a sample's image is looked for (the first present wins).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -160,6 +163,15 @@ FIXES: dict[str, str] = {
     "samples before the cut are still read without --strict",
     "corrupt": "the file's structure is damaged from here on: fetch it again; the samples "
     "before it are still read without --strict",
+    "unsafe_name": "a tar member name with '..', an absolute path or a NUL byte could write "
+    "outside the directory it is extracted to: rename the member, or run without --strict to "
+    "skip it",
+    "link": "symbolic and hard link members are not read (they could point anywhere): store "
+    "the file itself, or run without --strict to skip it",
+    "oversized": "the sample is larger than --max-sample-bytes: raise the cap if it is "
+    "genuine, or run without --strict to skip it",
+    "compressed": "the file is compressed though its name says otherwise: rename it "
+    "(.tar.gz, .jsonl.gz, ...) so it is read as what it is",
     "bad": "fix or drop this sample, or run without --strict to skip it",
 }
 

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import BadSampleError
-from .core import IMAGE_FILE_SUFFIXES, Bad, Part, decode_json, image_member_ext
-from .jsonio import BOM, scan_json_array, scan_jsonl
+from .core import (
+    DEFAULT_MAX_SAMPLE_BYTES,
+    IMAGE_FILE_SUFFIXES,
+    Bad,
+    Part,
+    decode_json,
+    image_member_ext,
+)
+from .jsonio import BOM, bounded_lines, oversized, scan_json_array, scan_jsonl
 from .tario import STREAM_ERRORS, scan_tar
 
 Row = tuple  # (key | None, offset, raw | None, Bad | None)
@@ -107,9 +114,12 @@ def json_record_raw(
 class Reader(abc.ABC):
     """One part's format: streams its rows and reads one row back by offset."""
 
-    def __init__(self, part: Part, *, paragraphs: bool = False) -> None:
+    def __init__(
+        self, part: Part, *, paragraphs: bool = False, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+    ) -> None:
         self.part = part
         self.paragraphs = paragraphs
+        self.max_bytes = max_bytes
         self.stem = _stem(part.path)
 
     #: whether keys are ``<stem>:<n>`` indices that read_one cannot know without an index
@@ -138,7 +148,7 @@ def _stem(path: Path) -> str:
 class TarReader(Reader):
     def rows(self, decode, warn=None):
         with open_stream(self.part) as f:
-            yield from scan_tar(f, 0, warn=warn)
+            yield from scan_tar(f, 0, warn=warn, max_bytes=self.max_bytes)
 
     def read_one(self, offset):
         with open_stream(self.part, buffering=1 << 16) as f:
@@ -151,7 +161,7 @@ class TarReader(Reader):
                     None,
                     Bad("truncated", f"cannot seek to {offset} ({exc})"),
                 )
-            for row in scan_tar(f, offset, single=True):
+            for row in scan_tar(f, offset, single=True, max_bytes=self.max_bytes):
                 return row
         return (f"@{offset}", offset, None, Bad("corrupt", f"no sample at offset {offset}"))
 
@@ -163,7 +173,7 @@ class JsonArrayReader(Reader):
         base_dir = self.part.path.parent
         with open_stream(self.part) as f:
             n = 0
-            for offset, data, bad in scan_json_array(f):
+            for offset, data, bad in scan_json_array(f, max_bytes=self.max_bytes):
                 default = f"{self.stem}:{n}"
                 n += 1
                 if bad is not None:
@@ -175,7 +185,7 @@ class JsonArrayReader(Reader):
     def read_one(self, offset):
         with open_stream(self.part, buffering=1 << 16) as f:
             f.seek(offset)
-            for off, data, bad in scan_json_array(f, offset, single=True):
+            for off, data, bad in scan_json_array(f, offset, single=True, max_bytes=self.max_bytes):
                 if bad is not None or data is None:
                     return (None, off, None, bad)
                 key, raw, bad = json_record_raw(data, self.part.path.parent, True)
@@ -189,29 +199,53 @@ class JsonlReader(Reader):
     def rows(self, decode, warn=None):
         base_dir = self.part.path.parent
         with open_stream(self.part) as f:
-            for n, (offset, line) in enumerate(scan_jsonl(f)):
+            for n, (offset, line) in enumerate(scan_jsonl(f, max_bytes=self.max_bytes)):
+                if line is None:
+                    yield (f"{self.stem}:{n}", offset, None, oversized(self.max_bytes))
+                    continue
                 key, raw, bad = json_record_raw(line, base_dir, decode)
                 yield (key or f"{self.stem}:{n}", offset, raw, bad)
 
     def read_one(self, offset):
         with open_stream(self.part, buffering=1 << 16) as f:
             f.seek(offset)
-            for off, line in scan_jsonl(f, offset, single=True):
+            for off, line in scan_jsonl(f, offset, single=True, max_bytes=self.max_bytes):
+                if line is None:
+                    return (None, off, None, oversized(self.max_bytes))
                 key, raw, bad = json_record_raw(line, self.part.path.parent, True)
                 return (key, off, raw, bad)
         return (None, offset, None, Bad("json", f"no JSON line at offset {offset}"))
 
 
 def scan_text(
-    f: BinaryIO, start: int = 0, *, paragraphs: bool = False, single: bool = False
-) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) of each non-blank line, or of each blank-line-separated paragraph."""
+    f: BinaryIO,
+    start: int = 0,
+    *,
+    paragraphs: bool = False,
+    single: bool = False,
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+) -> Iterator[tuple[int, bytes | None]]:
+    """(offset, bytes) of each non-blank line, or of each blank-line-separated paragraph;
+    bytes is None for a line or paragraph longer than ``max_bytes`` (never held whole)."""
     off = start
     first = start == 0
     para_off = -1
     lines: list[bytes] = []
-    for line in f:
-        n = len(line)
+    para_size = 0
+    too_big = False
+    for line, n in bounded_lines(f, max_bytes):
+        if line is None:
+            first = False
+            if not paragraphs:
+                yield off, None
+                if single:
+                    return
+            else:
+                if para_off < 0:
+                    para_off = off
+                lines, too_big = [b"x"], True
+            off += n
+            continue
         if first:
             first = False
             if line.startswith(BOM):
@@ -226,15 +260,19 @@ def scan_text(
             else:
                 if para_off < 0:
                     para_off = off
-                lines.append(line)
+                para_size += n
+                if too_big or para_size > max_bytes:
+                    lines, too_big = [b"x"], True  # keep only the fact that there is one
+                else:
+                    lines.append(line)
         elif lines:
-            yield para_off, b"".join(lines).rstrip(b"\r\n")
+            yield para_off, None if too_big else b"".join(lines).rstrip(b"\r\n")
             if single:
                 return
-            para_off, lines = -1, []
+            para_off, lines, para_size, too_big = -1, [], 0, False
         off += n
     if lines:
-        yield para_off, b"".join(lines).rstrip(b"\r\n")
+        yield para_off, None if too_big else b"".join(lines).rstrip(b"\r\n")
 
 
 class TextReader(Reader):
@@ -242,13 +280,22 @@ class TextReader(Reader):
 
     def rows(self, decode, warn=None):
         with open_stream(self.part) as f:
-            for n, (offset, data) in enumerate(scan_text(f, paragraphs=self.paragraphs)):
-                yield (f"{self.stem}:{n}", offset, {"txt": data}, None)
+            scan = scan_text(f, paragraphs=self.paragraphs, max_bytes=self.max_bytes)
+            for n, (offset, data) in enumerate(scan):
+                if data is None:
+                    yield (f"{self.stem}:{n}", offset, None, oversized(self.max_bytes))
+                else:
+                    yield (f"{self.stem}:{n}", offset, {"txt": data}, None)
 
     def read_one(self, offset):
         with open_stream(self.part, buffering=1 << 16) as f:
             f.seek(offset)
-            for off, data in scan_text(f, offset, paragraphs=self.paragraphs, single=True):
+            scan = scan_text(
+                f, offset, paragraphs=self.paragraphs, single=True, max_bytes=self.max_bytes
+            )
+            for off, data in scan:
+                if data is None:
+                    return (None, off, None, oversized(self.max_bytes))
                 return (None, off, {"txt": data}, None)
         return (None, offset, None, Bad("fields", f"no text at offset {offset}"))
 
@@ -306,8 +353,11 @@ class ImageFolderReader(Reader):
     def rows(self, decode, warn=None):
         if self.uses_metadata:
             with open(self.metadata, "rb") as f:
-                for offset, line in scan_jsonl(f):
-                    yield self._metadata_row(offset, line)
+                for offset, line in scan_jsonl(f, max_bytes=self.max_bytes):
+                    if line is None:
+                        yield (f"@{offset}", offset, None, oversized(self.max_bytes))
+                    else:
+                        yield self._metadata_row(offset, line)
         else:
             for i, rel in enumerate(self.listing()):
                 yield self._sidecar_row(i, rel)
@@ -316,7 +366,9 @@ class ImageFolderReader(Reader):
         if self.uses_metadata:
             with open(self.metadata, "rb") as f:
                 f.seek(offset)
-                for off, line in scan_jsonl(f, offset, single=True):
+                for off, line in scan_jsonl(f, offset, single=True, max_bytes=self.max_bytes):
+                    if line is None:
+                        return (f"@{off}", off, None, oversized(self.max_bytes))
                     return self._metadata_row(off, line)
             return (f"@{offset}", offset, None, Bad("json", f"no metadata line at {offset}"))
         listing = self.listing()
@@ -428,5 +480,7 @@ READERS: dict[str, type[Reader]] = {
 }
 
 
-def make_reader(part: Part, *, paragraphs: bool = False) -> Reader:
-    return READERS[part.kind](part, paragraphs=paragraphs)
+def make_reader(
+    part: Part, *, paragraphs: bool = False, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Reader:
+    return READERS[part.kind](part, paragraphs=paragraphs, max_bytes=max_bytes)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .core import Bad
+from .core import DEFAULT_MAX_SAMPLE_BYTES, Bad
 
 CHUNK = 1 << 20
 # a whole string, or a bracket, or a lone quote (a string not terminated inside the buffer);
@@ -30,16 +30,21 @@ BOM = b"\xef\xbb\xbf"
 class _Reader:
     """A sliding byte window over a file: ``buf`` starts at file offset ``base``."""
 
-    __slots__ = ("f", "buf", "base", "eof")
+    __slots__ = ("f", "buf", "base", "eof", "limit")
 
-    def __init__(self, f: BinaryIO, base: int) -> None:
+    def __init__(self, f: BinaryIO, base: int, limit: int = DEFAULT_MAX_SAMPLE_BYTES) -> None:
         self.f = f
         self.buf = b""
         self.base = base
         self.eof = False
+        self.limit = limit
 
     def more(self, keep_from: int) -> int:
-        """Drop ``buf[:keep_from]`` and read a chunk; returns how far positions shifted."""
+        """Drop ``buf[:keep_from]`` and read a chunk; returns how far positions shifted.
+
+        Raises ElementTooLarge when what must be kept (one element) outgrows ``limit``."""
+        if len(self.buf) - keep_from > self.limit:
+            raise ElementTooLarge
         chunk = self.f.read(CHUNK)
         if not chunk:
             self.eof = True
@@ -61,6 +66,10 @@ class _Reader:
 
 class JSONStructureError(Exception):
     pass
+
+
+class ElementTooLarge(Exception):
+    """One JSON array element is larger than the sample cap."""
 
 
 def _element_end(r: _Reader, start: int) -> tuple[int, int]:
@@ -128,16 +137,21 @@ def _element_end(r: _Reader, start: int) -> tuple[int, int]:
 
 
 def scan_json_array(
-    f: BinaryIO, start: int | None = None, *, single: bool = False
+    f: BinaryIO,
+    start: int | None = None,
+    *,
+    single: bool = False,
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> Iterator[tuple[int, bytes | None, Bad | None]]:
     """Yield ``(offset, element_bytes, bad)`` for each element of a top-level JSON array.
 
     ``start=None`` reads from the beginning (BOM, whitespace, ``[``); ``start=N`` parses the one
     element at byte N (``single`` then stops after it).  A structural error (text that is not a
     JSON array, a missing comma, a file that ends inside an element) yields one bad row with
-    ``element_bytes=None`` and ends the scan: nothing after it can be trusted.
+    ``element_bytes=None`` and ends the scan: nothing after it can be trusted.  So does an
+    element larger than ``max_bytes`` (``oversized``): finding its end would mean holding it.
     """
-    r = _Reader(f, start or 0)
+    r = _Reader(f, start or 0, max_bytes)
     r.more(0)
     pos = 0
     if start is None:
@@ -163,9 +177,16 @@ def scan_json_array(
         except JSONStructureError as exc:
             yield r.base + pos, None, Bad("truncated", f"malformed JSON array: {exc}")
             return
+        except ElementTooLarge:
+            bad = oversized(max_bytes, "JSON array element")
+            bad.reason += "; the rest of this array is not read (JSON Lines has no such limit)"
+            yield r.base + pos, None, bad
+            return
         offset = r.base + s
         data = r.buf[s:e]
-        if r.buf[s] != 0x7B:
+        if e - s > max_bytes:  # found whole within the read-ahead: skipped, the scan goes on
+            yield offset, None, oversized(max_bytes, "JSON array element")
+        elif r.buf[s] != 0x7B:
             yield offset, data, Bad("json", "array element is not a JSON object")
         else:
             yield offset, data, None
@@ -191,12 +212,41 @@ def scan_json_array(
             return
 
 
-def scan_jsonl(f: BinaryIO, start: int = 0, *, single: bool = False) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(offset, line)`` for each non-blank line (stripped of whitespace and BOM)."""
+def bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, length in the file)`` for each line of ``f``; ``line`` is None for a line longer
+    than ``max_bytes``, which is skipped in chunks and never held whole."""
+    readline = f.readline
+    while True:
+        line = readline(max_bytes + 1)
+        if not line:
+            return
+        n = len(line)
+        if n > max_bytes and not line.endswith(b"\n"):
+            while True:  # skip the rest of the line
+                rest = readline(CHUNK)
+                n += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None, n
+        else:
+            yield line, n
+
+
+def scan_jsonl(
+    f: BinaryIO, start: int = 0, *, single: bool = False, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Iterator[tuple[int, bytes | None]]:
+    """Yield ``(offset, line)`` for each non-blank line (stripped of whitespace and BOM);
+    ``line`` is None for a line longer than ``max_bytes`` (see :func:`bounded_lines`)."""
     off = start
     first = start == 0
-    for line in f:
-        n = len(line)
+    for line, n in bounded_lines(f, max_bytes):
+        if line is None:
+            first = False
+            yield off, None
+            if single:
+                return
+            off += n
+            continue
         if first:
             first = False
             if line.startswith(BOM):
@@ -207,3 +257,8 @@ def scan_jsonl(f: BinaryIO, start: int = 0, *, single: bool = False) -> Iterator
             if single:
                 return
         off += n
+
+
+def oversized(max_bytes: int, what: str = "line") -> Bad:
+    """The Bad of a sample skipped for its size."""
+    return Bad("oversized", f"{what} longer than the {max_bytes}-byte cap (--max-sample-mib)")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
 
 from ..errors import BadSampleError, UsageError
-from .core import Bad, BadSample, Part, PoolStats, Sample, record_from_raw
+from .core import DEFAULT_MAX_SAMPLE_BYTES, Bad, BadSample, Part, PoolStats, Sample, record_from_raw
 from .formats import Reader, make_reader
 from .specs import detect_part, expand_specs
 from .tario import STREAM_ERRORS
@@ -44,8 +44,10 @@ class Pool:
         on_bad: Callable[[BadSample], object] | None = None,
         max_bad: int = MAX_BAD,
         max_logged: int = MAX_LOGGED,
+        max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
     ) -> None:
         self.parts: list[Part] = list(parts)
+        self.max_sample_bytes = max_sample_bytes
         self.strict = strict
         self.paragraphs = paragraphs
         self.require_caption = require_caption
@@ -253,7 +255,9 @@ class Pool:
     def _reader(self, i: int) -> Reader:
         reader = self._readers.get(i)
         if reader is None:
-            reader = make_reader(self.parts[i], paragraphs=self.paragraphs)
+            reader = make_reader(
+                self.parts[i], paragraphs=self.paragraphs, max_bytes=self.max_sample_bytes
+            )
             self._readers[i] = reader
         return reader
 
@@ -266,6 +270,7 @@ def open_pool(
     require_caption: bool = True,
     decode: bool = True,
     on_bad: Callable[[BadSample], object] | None = None,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> Pool:
     """Open a pool or adaptation set from one or more specs (see :func:`expand_specs`).
 
@@ -274,7 +279,8 @@ def open_pool(
     separated paragraph instead of per line.  ``require_caption=False``: images without a
     caption are good samples (DreamBooth instance sets).  ``decode=False``: no image decoding
     and no record validation, ``record`` is ``{}`` (fast index passes).  ``on_bad``: called
-    with every BadSample.
+    with every BadSample.  ``max_sample_bytes``: a larger sample (line, element, tar sample) is
+    skipped without being read whole and reported as ``oversized``.
     """
     paths = expand_specs(specs)
     if not paths:
@@ -287,4 +293,5 @@ def open_pool(
         require_caption=require_caption,
         decode=decode,
         on_bad=on_bad,
+        max_sample_bytes=max_sample_bytes,
     )

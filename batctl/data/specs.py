@@ -5,14 +5,17 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import BatctlError, UsageError
-from .core import IMAGE_FILE_SUFFIXES, Part
+from .core import DEFAULT_MAX_SAMPLE_BYTES, IMAGE_FILE_SUFFIXES, Part
 from .tario import STREAM_ERRORS
+
+log = logging.getLogger("batctl.data")
 
 _RANGE_INT = re.compile(r"^([+-]?\d+)\.\.([+-]?\d+)(?:\.\.([+-]?\d+))?$")
 _RANGE_CHR = re.compile(r"^([a-zA-Z])\.\.([a-zA-Z])(?:\.\.([+-]?\d+))?$")
@@ -191,16 +194,72 @@ def expand_specs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
 
 
 def _sniff_json(path: Path, compression: str | None) -> str:
-    """ "json" for a top-level array, "jsonl" for a file that starts with an object."""
-    from .formats import open_stream
+    """ "json" for a top-level array, "jsonl" for one object per line (``Dataset.to_json``).
 
+    A file whose first value is an object but that is not JSON Lines of two or more records
+    (one object, pretty-printed or not, e.g. ``{"data": [...]}``) is a UsageError naming it:
+    reading it as one record would silently train or score on the wrong thing.
+    """
+    from .formats import open_stream
+    from .jsonio import bounded_lines
+
+    part = Part(path, "json", 0, compression)
     try:
-        with open_stream(Part(path, "json", 0, compression), buffering=1 << 14) as f:
+        with open_stream(part, buffering=1 << 14) as f:
             head = f.read(1 << 14)
+        head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head[:1] != b"{":
+            return "json"
+        records: list[bytes | None] = []
+        with open_stream(part, buffering=1 << 14) as f:
+            for line, _ in bounded_lines(f, DEFAULT_MAX_SAMPLE_BYTES):
+                if line is None or line.strip(b"\xef\xbb\xbf \t\r\n"):
+                    records.append(line)
+                    if len(records) == 2:
+                        break
     except (*STREAM_ERRORS, ValueError):
         return "json"  # unreadable: the scan reports it, with the file name
-    head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    return "jsonl" if head[:1] == b"{" else "json"
+    if len(records) == 2 and (records[1] is None or records[1].lstrip().startswith(b"{")):
+        return "jsonl"
+    raise UsageError(
+        f"{path}: holds a single JSON object, not an array of records or JSON Lines; put the "
+        "records in a top-level array [...], or one object per line (a one-record set: name it "
+        ".jsonl)"
+    )
+
+
+#: magic bytes of the compressions a part may use without saying so in its name
+_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+_ZSTD = b"\x28\xb5\x2f\xfd"
+
+
+def _sniff_compression(path: Path) -> str | None:
+    """The compression a file's magic bytes announce (gz, bz2, xz), None for none.
+
+    A gzip file named ``.tar`` would otherwise read as a damaged tar ("truncated ... fetch it
+    again"); zstd, which the standard library cannot read, is a UsageError naming the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None  # the reader reports it, with the path
+    if head.startswith(_ZSTD):
+        raise UsageError(
+            f"{path}: is zstd-compressed; decompress it first (zstd -d), batctl reads plain, "
+            ".gz, .bz2 and .xz files"
+        )
+    for magic, compression in _MAGIC:
+        if head.startswith(magic):
+            log.warning(
+                "%s: is %s-compressed though its name does not say so; read as compressed "
+                "(rename it to %s)",
+                path,
+                compression,
+                f"{path.name}.{compression}",
+            )
+            return compression
+    return None
 
 
 def detect_part(path: Path, index: int) -> Part:
@@ -227,6 +286,8 @@ def detect_part(path: Path, index: int) -> Part:
         if name.endswith(suffix):
             compression, name = comp, name[: -len(suffix)]
             break
+    if compression is None and name.endswith((".tar", ".jsonl", ".ndjson", ".json", ".txt")):
+        compression = _sniff_compression(path)
     if name.endswith(".tar"):
         return Part(path, "tar", index, compression)
     if name.endswith((".jsonl", ".ndjson")):

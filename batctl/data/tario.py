@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from .core import Bad, split_member_name
+from .core import DEFAULT_MAX_SAMPLE_BYTES, Bad, split_member_name
 
 BLOCK = 512
 _NUL_BLOCK = bytes(BLOCK)
@@ -103,12 +103,31 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
+_LINKS = (b"1", b"2")
+
+
+def unsafe_member_name(name: str) -> str | None:
+    """Why a member name could escape the directory a tar is extracted to, or None.
+
+    ``..`` components, absolute paths and NUL bytes: Python 3.11's ``tarfile.extractall()``
+    without a filter, and many other tools, would write such a member outside the target.
+    """
+    if "\0" in name:
+        return "its name holds a NUL byte"
+    if name.startswith("/"):
+        return f"its name {name!r} is an absolute path"
+    if ".." in name.split("/"):
+        return f"its name {name!r} has a '..' component"
+    return None
+
+
 def scan_tar(
     f: BinaryIO,
     start: int = 0,
     *,
     single: bool = False,
     warn: Callable[[str], None] | None = None,
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> Iterator[Row]:
     """Group the members of the tar stream ``f`` (positioned at ``start``) into samples.
 
@@ -121,12 +140,25 @@ def scan_tar(
     progress (``truncated``) and ends the part; an invalid header yields a ``corrupt`` bad row
     and ends the part.  A stream that ends exactly on a block boundary without the end-of-archive
     blocks keeps its last sample and calls ``warn``.
+
+    Hostile members make their sample one bad row and are never read into memory: a name that
+    could escape an extraction directory (``unsafe_name``), a symbolic or hard link (``link``),
+    and a sample whose members add up to more than ``max_bytes`` (``oversized``; its data is
+    skipped by seeking, so memory stays flat whatever the member's size).
     """
     read = f.read
     pos = start
     key: str | None = None
     raw: dict[str, bytes] = {}
+    raw_size = 0
+    sample_bad: Bad | None = None  # the sample in progress is bad (its members are skipped)
     sample_off = start
+
+    def done_row() -> Row:
+        if sample_bad is not None:
+            return (key, sample_off, None, sample_bad)
+        return (key, sample_off, raw, None)
+
     ext_name: str | None = None  # from a GNU longname or PAX header
     ext_size: int | None = None
     ext_off: int | None = None  # offset of the first extended header of the current member
@@ -151,7 +183,7 @@ def scan_tar(
                 if key is not None:
                     if warn is not None and not single:
                         warn("ends without the end-of-archive blocks (cut at a block boundary?)")
-                    yield (key, sample_off, raw, None)
+                    yield done_row()
                 return
             yield flush_bad(
                 "truncated", f"tar is truncated: cut inside the header at {hdr_off}", None, hdr_off
@@ -160,7 +192,7 @@ def scan_tar(
         pos += BLOCK
         if buf == _NUL_BLOCK:
             if key is not None:
-                yield (key, sample_off, raw, None)
+                yield done_row()
             return
         try:
             name, size, typ = _header(buf)
@@ -172,6 +204,11 @@ def scan_tar(
         if typ in (_LONGNAME, _PAX, _LONGLINK, _PAX_GLOBAL):
             if ext_off is None:
                 ext_off = hdr_off
+            if size > max(max_bytes, 1 << 20):
+                yield flush_bad(
+                    "corrupt", f"extended header of {size} bytes at {hdr_off}", None, ext_off
+                )
+                return
             try:
                 data = read(size + pad) if size <= _BIG else _read_big(f, size + pad)
             except STREAM_ERRORS as exc:
@@ -211,9 +248,21 @@ def scan_tar(
         ext_name = ext_size = ext_off = None
 
         split = None
-        if typ in _REGULAR and not name.endswith("/") and not _META.match(name):
+        hostile: Bad | None = None
+        if typ in _LINKS:
+            hostile = Bad(
+                "link", f"member {name!r} is a {'symbolic' if typ == b'2' else 'hard'} link"
+            )
+        elif typ in _REGULAR and not name.endswith("/") and not _META.match(name):
+            why = unsafe_member_name(name)
+            if why is not None:
+                hostile = Bad("unsafe_name", f"member {name!r}: {why}")
             split = split_member_name(name)
-        if split is None:  # not a sample member: skip its data
+        if hostile is not None:
+            split = split_member_name(name)
+            if split is None or "\0" in split[0]:
+                split = (f"@{member_off}", "")
+        if split is None or hostile is not None:  # not read: skip its data
             if size + pad:
                 try:
                     f.seek(size + pad, 1)
@@ -221,14 +270,35 @@ def scan_tar(
                     yield flush_bad(_code(exc), f"damaged stream in {name} ({exc})", None, pos)
                     return
                 pos += size + pad
-            continue
+            if hostile is None:
+                continue
         mkey, ext = split
         if mkey != key or ext in raw:
             if key is not None:
-                yield (key, sample_off, raw, None)
+                yield done_row()
                 if single:
                     return
-            key, raw, sample_off = mkey, {}, member_off
+            key, raw, raw_size, sample_bad, sample_off = mkey, {}, 0, None, member_off
+        if hostile is not None:
+            sample_bad = sample_bad or hostile
+            raw[ext] = b""  # a repeated extension still starts a new sample
+            continue
+        if sample_bad is not None or raw_size + size > max_bytes:
+            if sample_bad is None:
+                sample_bad = Bad(
+                    "oversized",
+                    f"member {name} makes the sample {raw_size + size} bytes, more than the "
+                    f"{max_bytes}-byte cap (--max-sample-mib)",
+                )
+            try:
+                f.seek(size + pad, 1)
+            except STREAM_ERRORS as exc:
+                yield (key, sample_off, None, Bad(_code(exc), f"damaged stream in {name} ({exc})"))
+                return
+            raw[ext] = b""
+            pos += size + pad
+            continue
+        raw_size += size
         try:
             data = read(size) if size <= _BIG else _read_big(f, size)
             if pad:

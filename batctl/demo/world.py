@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -145,7 +146,7 @@ def cached_world(
     world (rooted at its final cache path) and whether it was built now. A cache entry that is
     not a complete batctl output (a crash mid-build, a foreign file) is rebuilt.
     """
-    from batctl.artifacts import open_output
+    from batctl.artifacts import is_complete, open_output
 
     # As the manifest will hold them (tuples become lists), so a rerun compares equal.
     params = json.loads(json.dumps(params, sort_keys=True, default=str))
@@ -165,4 +166,11 @@ def cached_world(
             if force:
                 raise
             log.warning("%s is not a complete demo world; rebuilding it", path)
+            if not is_complete(path):
+                # batctl's own cache entry, named by its params' hash: --force never removes a
+                # folder batctl did not write, so the broken entry is cleared here.
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
     raise AssertionError("unreachable")

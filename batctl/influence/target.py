@@ -295,6 +295,9 @@ def load_target(path: str | Path) -> tuple[Target, dict[str, str]]:
     """Read ``target.safetensors`` back: (Target, the caller's metadata as it was given)."""
     from safetensors import safe_open
 
+    from batctl.safeload import check_safetensors
+
+    check_safetensors(Path(path))  # a damaged file is one line naming it, not a SafetensorError
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
         if meta.get(_PREFIX + "format") != FORMAT:

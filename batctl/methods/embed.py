@@ -80,7 +80,11 @@ class Embed(Method):
                 else (config.data, "--data")
             )
             adaptation = load_samples(
-                spec, flag=flag, strict=config.strict, paragraphs=config.paragraphs
+                spec,
+                flag=flag,
+                strict=config.strict,
+                paragraphs=config.paragraphs,
+                max_sample_bytes=config.max_sample_bytes(),
             )
             vectors = unit_rows(embed_samples(task, adaptation, "adaptation", config.batch_size))
             centroid = vectors.mean(axis=0)

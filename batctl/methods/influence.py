@@ -45,12 +45,20 @@ def ensure_target(work: Path, task: Any, config: Any) -> tuple[Any, dict[str, st
     if path.is_file():
         return load_target(path)
     adaptation = load_samples(
-        config.data, flag="--data", strict=config.strict, paragraphs=config.paragraphs
+        config.data,
+        flag="--data",
+        strict=config.strict,
+        paragraphs=config.paragraphs,
+        max_sample_bytes=config.max_sample_bytes(),
     )
     target_samples = None
     if config.target is not None:
         target_samples = load_samples(
-            config.target, flag="--target", strict=config.strict, paragraphs=config.paragraphs
+            config.target,
+            flag="--target",
+            strict=config.strict,
+            paragraphs=config.paragraphs,
+            max_sample_bytes=config.max_sample_bytes(),
         )
     target = prepare_target(
         task,

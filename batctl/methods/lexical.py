@@ -60,7 +60,13 @@ def adaptation_texts(config: Any) -> list[str]:
     spec, flag = (
         (config.target, "--target") if config.target is not None else (config.data, "--data")
     )
-    samples = load_samples(spec, flag=flag, strict=config.strict, paragraphs=config.paragraphs)
+    samples = load_samples(
+        spec,
+        flag=flag,
+        strict=config.strict,
+        paragraphs=config.paragraphs,
+        max_sample_bytes=config.max_sample_bytes(),
+    )
     return [text_of(s, getattr(config, "instance_prompt", None)) for s in samples]
 
 

@@ -261,8 +261,13 @@ class DinoFeatures:
     def __init__(self, directory: Path, device: torch.device | str = "cpu") -> None:
         from transformers import Dinov2Model
 
+        from batctl.safeload import check_model_dir
+
+        check_model_dir(str(directory), trust_remote_code=False)
         try:
-            self.model = Dinov2Model.from_pretrained(str(directory)).eval().to(device)
+            self.model = (
+                Dinov2Model.from_pretrained(str(directory), use_safetensors=True).eval().to(device)
+            )
         except (OSError, ValueError) as exc:
             raise BatctlError(f"--dino {directory}: cannot load a DINOv2 model ({exc})") from None
         self.device = torch.device(device)
@@ -291,8 +296,13 @@ class ClipFeatures:
     def __init__(self, directory: Path, device: torch.device | str = "cpu") -> None:
         from transformers import AutoTokenizer, CLIPModel
 
+        from batctl.safeload import check_model_dir
+
+        check_model_dir(str(directory), trust_remote_code=False)
         try:
-            self.model = CLIPModel.from_pretrained(str(directory)).eval().to(device)
+            self.model = (
+                CLIPModel.from_pretrained(str(directory), use_safetensors=True).eval().to(device)
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except (OSError, ValueError) as exc:
             raise BatctlError(

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,13 +27,28 @@ def detect_family(model: str) -> str:
         return "diffusion"
     config = path / "config.json"
     if config.is_file():
-        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        from batctl.safeload import read_json_object
+
+        architectures = read_json_object(config).get("architectures") or []
         if any(a.endswith("ForCausalLM") for a in architectures):
             return "lm"
     raise UsageError(
         f"--model {model}: cannot tell the model family (no model_index.json, no *ForCausalLM "
         "in config.json); pass --task lm or --task diffusion"
     )
+
+
+def library_error(what: str, exc: BaseException) -> str:
+    """A library's exception as one line (their messages span lines and carry advice for
+    their own API), prefixed with what batctl was doing; names --trust-remote-code when the
+    library says the model needs its own code."""
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    hint = ""
+    if "trust_remote_code" in text or "does not recognize this architecture" in text:
+        hint = "; if the model needs its own code, pass --trust-remote-code (only if you trust it)"
+    return f"{what} ({type(exc).__name__}: {text}){hint}"
 
 
 def _cached_snapshot(repo_id: str) -> Path:
@@ -49,7 +63,14 @@ def _cached_snapshot(repo_id: str) -> Path:
 
 
 def load_task(settings: TaskSettings, family: str = "auto") -> Task:
-    """Load the backbone of `settings.model` as the right family's Task (frozen, no adapter yet)."""
+    """Load the backbone of `settings.model` as the right family's Task (frozen, no adapter yet).
+
+    The model directory is checked first (safetensors only, sound files, remote code only with
+    --trust-remote-code), so no library gets to unpickle or run anything on a bad one.
+    """
+    from batctl.safeload import check_model_dir
+
+    check_model_dir(settings.model, settings.trust_remote_code)
     if family == "auto":
         family = detect_family(settings.model)
     if family == "lm":

@@ -168,6 +168,25 @@ class Task(abc.ABC):
         """Family-specific counts for the run summary (e.g. LM samples cut to --max-length)."""
         return {}
 
+    def check_rank(self, rank: int, *parts: torch.nn.Module) -> None:
+        """UsageError when `rank` exceeds the width min(in, out) of every Linear/Conv2d layer of
+        `parts`: such a rank adds no capacity and, when absurd, only an allocator failure."""
+        widths = [
+            min(m.in_features, m.out_features)
+            if isinstance(m, torch.nn.Linear)
+            else min(m.in_channels, m.out_channels)
+            for part in parts
+            for m in part.modules()
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+        ]
+        if widths and rank > max(widths):
+            from batctl.errors import UsageError
+
+            raise UsageError(
+                f"--rank {rank} is wider than every adaptable layer of {self.settings.model} "
+                f"(the widest has min(in, out) = {max(widths)}); pass --rank {max(widths)} or less"
+            )
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The adapter's parameters by name, in a stable order."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -164,18 +164,27 @@ class DiffusionTask(Task):
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
             text_encoder = CLIPTextModel.from_pretrained(
-                model, subfolder="text_encoder", dtype=dtype
+                model, subfolder="text_encoder", dtype=dtype, use_safetensors=True
             )
-            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
-            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(
+                model, subfolder="vae", torch_dtype=dtype, use_safetensors=True
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                model, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+            )
             # The training noise schedule, as the diffusers DreamBooth script reads it: DDPM with
             # the pipeline's betas and prediction type, whatever sampler the pipeline ships.
             self.scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
             self.scheduler_source = _scheduler_class(model)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
+            from batctl.tasks import library_error
+
             raise BatctlError(
-                f"--model {model}: cannot load a Stable Diffusion pipeline (unet, vae, "
-                f"text_encoder, tokenizer, scheduler) ({exc})"
+                library_error(
+                    f"--model {model}: cannot load a Stable Diffusion pipeline (unet, vae, "
+                    "text_encoder, tokenizer, scheduler)",
+                    exc,
+                )
             ) from None
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -222,6 +231,7 @@ class DiffusionTask(Task):
         targets = list(adapter.targets) or list(
             ATTENTION_TARGETS + CONV_TARGETS if adapter.kind == "locon" else ATTENTION_TARGETS
         )
+        self.check_rank(adapter.rank, bare(self.model.unet))
         config = adapter.lora_config(targets, init_lora_weights=True)
         self.remove_adapter()
         torch.manual_seed(seed)
@@ -255,19 +265,24 @@ class DiffusionTask(Task):
     def load_adapter(self, path: Path, trainable: bool = False) -> None:
         from peft import PeftModel
 
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise BatctlError(
-                f"{path}: no adapter_config.json; expected an adapter directory written by batctl"
-            )
+        from batctl.safeload import check_adapter_dir
+        from batctl.tasks import library_error
+
+        check_adapter_dir(path, "adapter")
         self.remove_adapter()  # a second adapter replaces the first instead of stacking on it
-        self.model.unet = PeftModel.from_pretrained(
-            self.model.unet, str(path), is_trainable=trainable
-        )
-        text_dir = Path(path) / TEXT_ENCODER_DIR
-        if (text_dir / "adapter_config.json").is_file():
-            self.model.text_encoder = PeftModel.from_pretrained(
-                self.model.text_encoder, str(text_dir), is_trainable=trainable
+        try:
+            self.model.unet = PeftModel.from_pretrained(
+                self.model.unet, str(path), is_trainable=trainable
             )
+            text_dir = Path(path) / TEXT_ENCODER_DIR
+            if (text_dir / "adapter_config.json").is_file():
+                self.model.text_encoder = PeftModel.from_pretrained(
+                    self.model.text_encoder, str(text_dir), is_trainable=trainable
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BatctlError(
+                library_error(f"{path}: cannot load this adapter onto {self.settings.model}", exc)
+            ) from None
         self.model.to(self.device)
 
     def remove_adapter(self) -> None:

@@ -92,10 +92,13 @@ class LMTask(Task):
                 settings.model,
                 dtype=DTYPES[settings.dtype],
                 trust_remote_code=settings.trust_remote_code,
+                use_safetensors=True,  # never torch.load a pickle
             )
-        except OSError as exc:
+        except (OSError, ValueError, KeyError) as exc:
+            from batctl.tasks import library_error
+
             raise BatctlError(
-                f"--model {settings.model}: cannot load a causal LM ({exc})"
+                library_error(f"--model {settings.model}: cannot load a causal LM", exc)
             ) from None
         base.requires_grad_(False)
         base.eval()  # dropout off in the backbone; the adapter's own dropout follows train()/eval()
@@ -123,6 +126,7 @@ class LMTask(Task):
         targets: Any = list(adapter.targets) or None
         if targets == ["all-linear"]:
             targets = "all-linear"
+        self.check_rank(adapter.rank, self.base)
         config = adapter.lora_config(targets, task_type="CAUSAL_LM")
         torch.manual_seed(seed)
         try:
@@ -146,12 +150,17 @@ class LMTask(Task):
     def load_adapter(self, path: Path, trainable: bool = False) -> None:
         from peft import PeftModel
 
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise BatctlError(
-                f"{path}: no adapter_config.json; expected an adapter directory written by batctl"
-            )
+        from batctl.safeload import check_adapter_dir
+        from batctl.tasks import library_error
+
+        check_adapter_dir(path, "adapter")
         self.remove_adapter()  # a second adapter replaces the first instead of stacking on it
-        self.model = PeftModel.from_pretrained(self.base, str(path), is_trainable=trainable)
+        try:
+            self.model = PeftModel.from_pretrained(self.base, str(path), is_trainable=trainable)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BatctlError(
+                library_error(f"{path}: cannot load this adapter onto {self.settings.model}", exc)
+            ) from None
         self.model.to(self.device)
 
     def save_adapter(self, path: Path) -> None:
@@ -173,12 +182,18 @@ class LMTask(Task):
         """(input ids, labels) of one sample, truncated to max_length."""
         record = sample.record
         tok = self.tokenizer
+        # Truncation keeps the prompt's end and the response's start (fit_to_length), so only
+        # those ends are tokenized: a huge text costs no more than a long one.
+        cap = self.char_cap()
         if "instruction" in record and "output" in record:
-            prompt = tok.encode(alpaca_prompt(record), add_special_tokens=False)
-            response = tok.encode(record["output"], add_special_tokens=False) + self.eos
+            prompt_text, response_text = alpaca_prompt(record), str(record["output"])
+            cut = len(prompt_text) > cap or len(response_text) > cap
+            prompt = tok.encode(prompt_text[-cap:], add_special_tokens=False)
+            response = tok.encode(response_text[:cap], add_special_tokens=False) + self.eos
         elif "text" in record:
             prompt = []
-            response = tok.encode(record["text"], add_special_tokens=False) + self.eos
+            cut = len(str(record["text"])) > cap
+            response = tok.encode(str(record["text"])[:cap], add_special_tokens=False) + self.eos
         else:
             raise BadSampleError(
                 f"data part {sample.part}",
@@ -187,7 +202,7 @@ class LMTask(Task):
                 "give text or Alpaca records",
             )
         limit = self.settings.max_length - len(self.bos)  # BOS always survives truncation
-        if len(prompt) + len(response) > limit:
+        if cut or len(prompt) + len(response) > limit:
             if not self.truncated:
                 log.warning(
                     "%s: %d tokens cut to --max-length %d (further cuts are counted in the summary)",
@@ -201,6 +216,11 @@ class LMTask(Task):
         # Labels are shifted inside per_sample_loss; the first token is never predicted.
         labels = [IGNORE] * (len(self.bos) + len(prompt)) + response
         return ids, labels
+
+    def char_cap(self) -> int:
+        """Characters of a text tokenized at most: far more than --max-length tokens need
+        (64 characters a token, at least 4096), so the cut never shortens what is kept."""
+        return max(4096, 64 * self.settings.max_length)
 
     def size_hint(self, sample: Sample) -> int:
         """Tokens after truncation (what the batch is padded to); 0 for a sample the LM cannot
@@ -270,6 +290,7 @@ class LMTask(Task):
         import re
 
         from batctl.metrics.lm import evaluate_multiple_choice, token_metrics
+        from batctl.metrics.report import jsonable
 
         total, tokens = 0.0, 0
         with torch.no_grad():
@@ -299,5 +320,5 @@ class LMTask(Task):
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
             with (Path(out_dir) / f"benchmark-{safe}.jsonl").open("w", encoding="utf-8") as fh:
                 for row in result.questions:
-                    fh.write(json.dumps(row) + "\n")
+                    fh.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
         return metrics
