@@ -100,10 +100,11 @@ def epoch_order(n_adapt: int, n_backbone: int, mix: str, rng: np.random.Generato
 
 
 def micro_batches(
-    examples: Sequence[Example], n_adapt: int, settings: LoopSettings
+    examples: Sequence[Example], n_adapt: int, settings: LoopSettings, seed: Any = None
 ) -> Iterator[list[Example]]:
-    """Endless micro-batches of `batch_size` examples, epoch after epoch, seeded."""
-    rng = np.random.default_rng(settings.seed)
+    """Endless micro-batches of `batch_size` examples, epoch after epoch, seeded (by
+    `settings.seed`, or by `seed`, anything `numpy.random.default_rng` takes)."""
+    rng = np.random.default_rng(settings.seed if seed is None else seed)
     pending: list[Example] = []
     while True:
         for index in epoch_order(n_adapt, len(examples) - n_adapt, settings.mix, rng):
@@ -139,20 +140,27 @@ def batch_loss(task: Task, batch: Sequence[Example], backbone_weight: float) -> 
     return total / len(batch)
 
 
+def training_examples(adaptation: Sequence[Sample], backbone: Sequence[Sample]) -> list[Example]:
+    """D_A (role adaptation) followed by the backbone samples (role pool)."""
+    return [Example(s, "adaptation") for s in adaptation] + [Example(s, "pool") for s in backbone]
+
+
 def train_adapter(
     task: Task,
     adaptation: Sequence[Sample],
     backbone: Sequence[Sample],
     settings: LoopSettings,
     out_dir: Path,
+    reselector: Any = None,
 ) -> dict[str, Any]:
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
-    Returns a summary: steps, first and last loss, samples seen.
+    `reselector` (a `batctl.reselect.Reselector`, optional) is asked after every optimizer step
+    whether to train on other backbone samples from then on; the data order is then redrawn,
+    seeded by (seed, step). Returns a summary: steps, first and last loss, samples seen.
     """
-    examples = [Example(s, "adaptation") for s in adaptation] + [
-        Example(s, "pool") for s in backbone
-    ]
+    examples = training_examples(adaptation, backbone)
+    initial_backbone = len(backbone)
     steps = total_steps(settings, len(examples))
     params = list(task.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
@@ -181,6 +189,14 @@ def train_adapter(
             log_file.write(json.dumps(record) + "\n")
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
+            if reselector is not None:
+                chosen = reselector.maybe_reselect(step + 1, task, backbone)
+                if chosen is not None:
+                    backbone = chosen
+                    examples = training_examples(adaptation, backbone)
+                    batches = micro_batches(
+                        examples, len(adaptation), settings, seed=(settings.seed, step + 1)
+                    )
     task.model.eval()
     task.save_adapter(out_dir)
     plot_loss(history, out_dir / "loss.png")
@@ -190,7 +206,7 @@ def train_adapter(
         "last_loss": history[-1]["loss"] if history else None,
         "samples_seen": steps * settings.batch_size * settings.grad_accum,
         "adaptation_samples": len(adaptation),
-        "backbone_samples": len(backbone),
+        "backbone_samples": initial_backbone,
     }
 
 
