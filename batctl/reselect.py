@@ -244,7 +244,7 @@ class Reselector:
             f.write(json.dumps(record.to_json()) + "\n")
         with (self.out_dir / TIMING).open("a", encoding="utf-8") as f:
             f.write(json.dumps(self.timing[-1]) + "\n")
-        if new is None or [s.key for s in new] == [s.key for s in selection]:
+        if new is None or {s.key for s in new} == {s.key for s in selection}:
             return None  # the same samples: keep the data order as it is
         self.current = new
         return new

@@ -20,7 +20,7 @@ Prints a markdown table and one JSON object; writes reselect_curves.{md,json,png
 
 Every run is an ordinary batctl output under --out: a rerun finds them up to date (their timings
 are kept in timing.json) and only redraws. `--targets` takes other domains where the demo world
-offers them (`lm_world(seed, target=...)`).
+offers them (`lm_world(seed, target=...)`), or a built world's directory.
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ STRATEGIES = ("none", "random", "albat", "albat-dynamic")
 
 
 def world_for(target: str) -> Any:
-    """The LM demo world whose target domain is `target` (with its stage recipe)."""
-    from batctl.demo.lm import TARGET, lm_world
+    """The LM demo world whose target domain is `target` (with its stage recipe); `target` may
+    also be a built world's directory (e.g. one of another target domain)."""
+    from batctl.demo.lm import RECIPE, TARGET, lm_world
+    from batctl.demo.world import WORLD_FILE, World
 
+    if (Path(target) / WORLD_FILE).is_file():
+        return World.load(Path(target)).with_recipe(RECIPE)
     if "target" in inspect.signature(lm_world).parameters:
         return lm_world(0, target=target)[0]
     if target != TARGET:
@@ -249,8 +253,9 @@ def main() -> None:
     report: dict[str, Any] = {"load": os.getloadavg(), "args": vars(args) | {"out": str(args.out)}}
     results: dict[str, dict[int, dict[str, Any]]] = {}
     markdown = []
-    for target in args.targets:
-        world = world_for(target)
+    for given in args.targets:
+        world = world_for(given)
+        target = world.target
         runs: dict[int, dict[str, Any]] = {}
         for seed in args.seeds:
             started = time.perf_counter()
@@ -310,7 +315,7 @@ def main() -> None:
     (args.out / "reselect_curves.md").write_text(text, encoding="utf-8")
     (args.out / "reselect_curves.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(text)
-    print(json.dumps({t: report[t]["figure3"] for t in args.targets}, default=str))
+    print(json.dumps({t: report[t]["figure3"] for t in results}, default=str))
 
 
 if __name__ == "__main__":
