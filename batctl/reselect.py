@@ -1,7 +1,8 @@
 """The paper's ALBAT loop (Algorithm 1, appendix C): re-check Proposition 2 while training and
 re-select the backbone data when it stops holding. Blind to the model family: it sees a Task.
 
-Every `every` optimizer steps, at the adapter's current parameters:
+Every `every` optimizer steps (not after the last one, where a check could change nothing), at
+the adapter's current parameters:
 
 1. check: both sides of Proposition 2 for D_A and the current selection S, with the same code
    `select` uses (`batctl.prop2.gradient_grams` + `prop2.report`): Score_bat = side(D_A ∪ S),

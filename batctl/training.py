@@ -156,7 +156,7 @@ def train_adapter(
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
     `reselector` (a `batctl.reselect.Reselector`, optional) is asked after every optimizer step
-    whether to train on other backbone samples from then on; the data order is then redrawn,
+    but the last whether to train on other backbone samples from then on; the data order is then redrawn,
     seeded by (seed, step). Returns a summary: steps, first and last loss, samples seen.
     """
     examples = training_examples(adaptation, backbone)
@@ -189,7 +189,8 @@ def train_adapter(
             log_file.write(json.dumps(record) + "\n")
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
-            if reselector is not None:
+            # A check after the last step could change nothing: it is not made.
+            if reselector is not None and step + 1 < steps:
                 chosen = reselector.maybe_reselect(step + 1, task, backbone)
                 if chosen is not None:
                     backbone = chosen

@@ -153,7 +153,7 @@ def world(tmp_path_factory):
 def train(cli, world, out, selection, *extra):
     result = cli(
         "train", "--model", world["lm"], "--data", world["domain"], "--selection", selection,
-        "--out", out, "--steps", "4", "--lr", "1e-2", "--targets", "all-linear",
+        "--out", out, "--steps", "5", "--lr", "1e-2", "--targets", "all-linear",
         "--init", "surrogate", "--surrogate", world["sur"], "--json", *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
@@ -252,7 +252,7 @@ def test_a_check_that_always_holds_trains_bit_for_bit_like_static(cli, world, tm
         "--candidates", world["candidates"], "--damping", "300",
     )  # fmt: skip
     history = [json.loads(line) for line in (dynamic / "reselect.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    assert [h["step"] for h in history] == [2, 4, 6]  # none after the last step
     assert all(h["holds"] and h["action"] == "continue" for h in history)
     assert summary["reselect"]["failed"] == 0
     for name in ("adapter_model.safetensors", "log.jsonl"):
@@ -376,7 +376,7 @@ def test_the_loop_is_family_blind_on_a_tiny_stable_diffusion(cli, tmp_path):
     result = cli("surrogate", *common, "--out", tmp_path / "sur", "--steps", "2", "--lr", "1e-3")
     assert result.exit_code == 0, result.stderr
     result = cli(
-        "train", *common, "--selection", initial, "--out", tmp_path / "bat", "--steps", "2",
+        "train", *common, "--selection", initial, "--out", tmp_path / "bat", "--steps", "3",
         "--reselect-every", "1", "--candidates", candidates, "--init", "surrogate",
         "--surrogate", tmp_path / "sur", "--json",
     )  # fmt: skip
