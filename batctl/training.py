@@ -101,10 +101,11 @@ def epoch_order(n_adapt: int, n_backbone: int, mix: str, rng: np.random.Generato
 
 
 def micro_batches(
-    examples: Sequence[Example], n_adapt: int, settings: LoopSettings
+    examples: Sequence[Example], n_adapt: int, settings: LoopSettings, seed: Any = None
 ) -> Iterator[list[Example]]:
-    """Endless micro-batches of `batch_size` examples, epoch after epoch, seeded."""
-    rng = np.random.default_rng(settings.seed)
+    """Endless micro-batches of `batch_size` examples, epoch after epoch, seeded (by
+    `settings.seed`, or by `seed`, anything `numpy.random.default_rng` takes)."""
+    rng = np.random.default_rng(settings.seed if seed is None else seed)
     pending: list[Example] = []
     while True:
         for index in epoch_order(n_adapt, len(examples) - n_adapt, settings.mix, rng):
@@ -140,6 +141,11 @@ def batch_loss(task: Task, batch: Sequence[Example], backbone_weight: float) -> 
     return total / len(batch)
 
 
+def training_examples(adaptation: Sequence[Sample], backbone: Sequence[Sample]) -> list[Example]:
+    """D_A (role adaptation) followed by the backbone samples (role pool)."""
+    return [Example(s, "adaptation") for s in adaptation] + [Example(s, "pool") for s in backbone]
+
+
 def train_adapter(
     task: Task,
     adaptation: Sequence[Sample],
@@ -147,17 +153,19 @@ def train_adapter(
     settings: LoopSettings,
     out_dir: Path,
     description: str = "training",
+    reselector: Any = None,
 ) -> dict[str, Any]:
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
-    Progress (step, loss, lr, rate, ETA) goes to stderr under `description`. Returns a summary:
-    steps, first and last loss, samples seen.
+    Progress (step, loss, lr, rate, ETA) goes to stderr under `description`. `reselector` (a
+    `batctl.reselect.Reselector`, optional) is asked after every optimizer step but the last
+    whether to train on other backbone samples from then on; the data order is then redrawn,
+    seeded by (seed, step). Returns a summary: steps, first and last loss, samples seen.
     """
     from batctl.console import progress_bar
 
-    examples = [Example(s, "adaptation") for s in adaptation] + [
-        Example(s, "pool") for s in backbone
-    ]
+    examples = training_examples(adaptation, backbone)
+    initial_backbone = len(backbone)
     steps = total_steps(settings, len(examples))
     if settings.warmup_steps > steps:
         raise UsageError(
@@ -198,6 +206,15 @@ def train_adapter(
             if settings.save_every and (step + 1) % settings.save_every == 0:
                 check_finite_weights(task, step + 1)
                 task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
+            # A check after the last step could change nothing: it is not made.
+            if reselector is not None and step + 1 < steps:
+                chosen = reselector.maybe_reselect(step + 1, task, backbone)
+                if chosen is not None:
+                    backbone = chosen
+                    examples = training_examples(adaptation, backbone)
+                    batches = micro_batches(
+                        examples, len(adaptation), settings, seed=(settings.seed, step + 1)
+                    )
     task.model.eval()
     check_finite_weights(task, steps)
     task.save_adapter(out_dir)
@@ -208,7 +225,7 @@ def train_adapter(
         "last_loss": history[-1]["loss"] if history else None,
         "samples_seen": steps * settings.batch_size * settings.grad_accum,
         "adaptation_samples": len(adaptation),
-        "backbone_samples": len(backbone),
+        "backbone_samples": initial_backbone,
     }
 
 
