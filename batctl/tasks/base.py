@@ -32,7 +32,8 @@ class TaskSettings:
     """Local directory or hub id."""
 
     dtype: str = "fp32"
-    """fp32, bf16 or fp16: the frozen backbone's precision (adapters stay fp32)."""
+    """auto, fp32, bf16 or fp16: the frozen backbone's precision (adapters stay fp32); auto is
+    bf16 on a GPU that supports it, else fp32 (batctl.devices)."""
 
     trust_remote_code: bool = False
     """Passed to from_pretrained; only ever True when the user asked for it."""
@@ -53,7 +54,7 @@ class TaskSettings:
     """Diffusion: (timestep, noise) draws averaged per sample."""
 
     device: str | None = None
-    """torch device; default cuda when available, else cpu."""
+    """cpu, cuda, cuda:N or mps; None: this rank's own GPU when there is one (batctl.devices)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(requested: str | None) -> torch.device:
-    """The requested device, else cuda when available, else cpu."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else this rank's own GPU when there is one, else cpu."""
+    from batctl.devices import this_machine_device
+
+    return this_machine_device(requested)
+
+
+def torch_dtype(settings: TaskSettings, device: torch.device) -> torch.dtype:
+    """The backbone's torch dtype for these settings on `device` (resolving "auto")."""
+    from batctl.devices import this_machine_dtype
+
+    return DTYPES[this_machine_dtype(settings.dtype, device)]
 
 
 class Task(abc.ABC):
