@@ -144,12 +144,19 @@ def train_adapter(
     adaptation: Sequence[Sample],
     backbone: Sequence[Sample],
     settings: LoopSettings,
-    out_dir: Path,
+    out_dir: Path | None,
 ) -> dict[str, Any]:
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
-    Returns a summary: steps, first and last loss, samples seen.
+    Under torchrun / accelerate launch every rank runs this with the same seed and takes its
+    slice of each global batch (`batctl.distributed`); only rank 0 passes an `out_dir` (the
+    others pass None and write nothing). Returns a summary: steps, first and last loss, samples
+    seen.
     """
+    import contextlib
+
+    from batctl.distributed import Parallel
+
     examples = [Example(s, "adaptation") for s in adaptation] + [
         Example(s, "pool") for s in backbone
     ]
@@ -162,28 +169,38 @@ def train_adapter(
     batches = micro_batches(examples, len(adaptation), settings)
     torch.manual_seed(settings.seed)  # adapter dropout
     task.model.train()
+    parallel = Parallel(task, optimizer)
     history: list[dict[str, Any]] = []
-    with (out_dir / "log.jsonl").open("w", encoding="utf-8") as log_file:
+    with contextlib.ExitStack() as stack:
+        log_file = (
+            stack.enter_context((out_dir / "log.jsonl").open("w", encoding="utf-8"))
+            if out_dir is not None
+            else None
+        )
         for step in range(steps):
             lr = optimizer.param_groups[0]["lr"]
             step_loss = 0.0
-            for _ in range(settings.grad_accum):
-                loss = (
-                    batch_loss(task, next(batches), settings.backbone_weight) / settings.grad_accum
-                )
-                loss.backward()
-                step_loss += loss.item()
-            optimizer.step()
+            for micro in range(settings.grad_accum):
+                mine, share = parallel.share(next(batches))
+                loss = batch_loss(task, mine, settings.backbone_weight) * share
+                loss = loss / settings.grad_accum
+                parallel.backward(loss, sync=micro == settings.grad_accum - 1)
+                step_loss += parallel.mean(loss)
+            parallel.optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            parallel.optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "loss": step_loss, "lr": lr}
             history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            if settings.save_every and (step + 1) % settings.save_every == 0:
-                task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+            if out_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0:
+                with parallel.unwrapped():
+                    task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
+    parallel.close()
     task.model.eval()
-    task.save_adapter(out_dir)
-    plot_loss(history, out_dir / "loss.png")
+    if out_dir is not None:
+        task.save_adapter(out_dir)
+        plot_loss(history, out_dir / "loss.png")
     return {
         "steps": steps,
         "first_loss": history[0]["loss"] if history else None,

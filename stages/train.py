@@ -45,7 +45,8 @@ SAMPLES_TAR = "samples.tar"
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
-    from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.artifacts import check_same_model, describe_input, require_stage
+    from batctl.distributed import check_batch_fits, rank_output, world_from_env
     from batctl.samples import describe_data, load_samples
     from batctl.tasks import load_task
     from batctl.training import train_adapter
@@ -72,7 +73,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         require_stage(config.surrogate, "surrogate", "--surrogate")
         check_same_model(config.surrogate, model, "--surrogate")
         inputs["surrogate"] = describe_input(config.surrogate)
-    with open_output(
+    check_batch_fits(config.batch_size, world_from_env())
+    with rank_output(  # under torchrun / accelerate launch, only rank 0 writes
         config.out, stage="train", params=config.params(), inputs=inputs, force=config.force
     ) as out:
         # load

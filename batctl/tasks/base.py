@@ -146,6 +146,11 @@ class Task(abc.ABC):
     def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of each sample in `batch`, shape [B], float32, differentiable w.r.t. the adapter."""
 
+    def forward_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules `per_sample_loss` calls, by attribute path on the task: what data-parallel
+        training wraps (DDP, autocast) so their adapters' gradients are averaged over ranks."""
+        return {"model": self.model}
+
     def size_hint(self, sample: Sample) -> int:
         """A sample's compute cost in the family's own unit (LM: tokens), so `score` can batch
         samples of a similar size together and pad less; 0 when every sample costs the same."""

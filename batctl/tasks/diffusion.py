@@ -212,6 +212,12 @@ class DiffusionTask(Task):
 
         return isinstance(self.model.text_encoder, PeftModel)
 
+    def forward_modules(self) -> dict[str, torch.nn.Module]:
+        parts = {"model.unet": self.model.unet}
+        if self.text_encoder_adapted():
+            parts["model.text_encoder"] = self.model.text_encoder
+        return parts
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, adapter: AdapterSettings, seed: int) -> None:
