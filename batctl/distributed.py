@@ -211,7 +211,7 @@ class Parallel:
     def close(self) -> None:
         """Wait for every rank, then give the task back its own modules, without autocast."""
         self.accelerator.wait_for_everyone()
-        for dotted, module in self.wrapped.items():
+        for module in self.wrapped.values():
             self.accelerator.unwrap_model(module, keep_fp32_wrapper=False)
         for dotted, module in self.originals.items():
             _swap(self.task, dotted, module)

@@ -193,7 +193,11 @@ def train_adapter(
             history.append(record)
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
-            if out_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0:
+            if (
+                out_dir is not None
+                and settings.save_every
+                and (step + 1) % settings.save_every == 0
+            ):
                 with parallel.unwrapped():
                     task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
     parallel.close()

@@ -122,11 +122,12 @@ def test_two_processes_train_the_single_process_adapter(cli, setup, tmp_path, la
     assert (out / "manifest.json").is_file()
     logged = (out / "log.jsonl").read_text().splitlines()
     assert logged == (single / "log.jsonl").read_text().splitlines() or len(logged) == 4
-    # The same command again: up to date on every rank.
-    again = launch(launcher, train_args(setup, out))
-    assert "up to date" in again.stderr
+    if launcher == "torchrun":  # the same command again: up to date on every rank
+        again = launch(launcher, train_args(setup, out))
+        assert "up to date" in again.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_surrogate_matches_one_process(cli, setup, tmp_path):
     single = tmp_path / "single"
     assert cli(*train_args(setup, single, "surrogate")).exit_code == 0
