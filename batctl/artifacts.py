@@ -44,11 +44,13 @@ MIB = 1 << 20
 # --------------------------------------------------------------------------- fingerprints
 
 
-def fingerprint_file(path: Path, strict: bool = False) -> str:
+def fingerprint_file(path: Path, strict: bool = False, content_only: bool = False) -> str:
     """Fingerprint of one data file, as a hex sha256.
 
     Default: size + mtime + the first and last MiB, so a multi-GB LAION shard costs two reads.
     `strict`: size + the whole content, no mtime (a copied file keeps its fingerprint).
+    `content_only`: size + the first and last MiB, no mtime: what score shards on several nodes
+    use, since each node's own download of a pool file has its own mtime.
     """
     path = Path(path)
     st = path.stat()
@@ -59,7 +61,8 @@ def fingerprint_file(path: Path, strict: bool = False) -> str:
             for block in iter(lambda: fh.read(4 * MIB), b""):
                 h.update(block)
         else:
-            h.update(f"size={st.st_size};mtime={st.st_mtime_ns};".encode())
+            stamp = "" if content_only else f"mtime={st.st_mtime_ns};"
+            h.update(f"size={st.st_size};{stamp}".encode())
             h.update(fh.read(MIB))
             if st.st_size > MIB:
                 fh.seek(max(MIB, st.st_size - MIB))

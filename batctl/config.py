@@ -448,11 +448,21 @@ class ModelOptions(OutputOptions):
     task: Literal["auto", "lm", "diffusion"] = "auto"
     """Model family; auto detects it (model_index.json means diffusion, *ForCausalLM means lm)."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Precision the backbone is loaded in; adapters train in fp32."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Precision the backbone is loaded in; auto: bf16 on a GPU that supports it, else fp32. Adapters train in fp32 under autocast."""
+
+    device: str | None = operational(None)
+    """cpu, cuda, cuda:N or mps; default: this rank's own GPU (cuda:$LOCAL_RANK under torchrun / accelerate launch), else cpu."""
 
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code. Off unless you trust the model's authors."""
+
+    def problems(self) -> list[str]:
+        from batctl.devices import device_problem
+
+        out = super().problems()
+        problem = device_problem(self.device)
+        return out + ([problem] if problem else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,6 +503,7 @@ class DataOptions(ModelOptions):
             model=str(self.model),
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
+            device=self.device,
             max_length=self.max_length,
             instance_prompt=self.instance_prompt,
             resolution=self.resolution,

@@ -46,14 +46,14 @@ class Layout:
     offsets: np.ndarray  # i64[N]
 
 
-def chunk_owner(first_row_part: np.ndarray, n_parts: int, shard_count: int) -> np.ndarray:
-    """Shard of each chunk: the shard that owns the part holding the chunk's first row.
+def chunk_owner(n_chunks: int, shard_count: int) -> np.ndarray:
+    """Shard of each chunk: contiguous chunk ranges, chunk c going to shard c·N // C.
 
-    Parts are split into `shard_count` contiguous ranges (part p goes to shard p·N // P), so a
-    shard reads a contiguous stretch of the pool, plus the start of the next part when its last
-    chunk runs over a part boundary.
+    Rows, not pool files, are what is shared out: a one-file pool (the Alpaca case) gives every
+    shard work, and any two shards' chunk counts differ by at most one whatever the number or
+    sizes of the pool's parts.
     """
-    return (first_row_part.astype(np.int64) * shard_count) // max(1, n_parts)
+    return (np.arange(n_chunks, dtype=np.int64) * shard_count) // max(1, n_chunks)
 
 
 class ScoreStore:

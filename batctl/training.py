@@ -151,18 +151,24 @@ def train_adapter(
     adaptation: Sequence[Sample],
     backbone: Sequence[Sample],
     settings: LoopSettings,
-    out_dir: Path,
+    out_dir: Path | None,
     description: str = "training",
     reselector: Any = None,
 ) -> dict[str, Any]:
     """Train the task's adapter in place; write log.jsonl, loss.png, checkpoints/step-N, the adapter.
 
-    Progress (step, loss, lr, rate, ETA) goes to stderr under `description`. `reselector` (a
-    `batctl.reselect.Reselector`, optional) is asked after every optimizer step but the last
-    whether to train on other backbone samples from then on; the data order is then redrawn,
-    seeded by (seed, step). Returns a summary: steps, first and last loss, samples seen.
+    Progress (step, loss, lr, rate, ETA) goes to stderr under `description`. Under torchrun /
+    accelerate launch every rank runs this with the same seed and takes its slice of each global
+    batch (`batctl.distributed`); only rank 0 passes an `out_dir` (the others pass None and
+    write nothing). `reselector` (a `batctl.reselect.Reselector`, optional) is asked after every
+    optimizer step but the last whether to train on other backbone samples from then on; the
+    data order is then redrawn, seeded by (seed, step). Returns a summary: steps, first and last
+    loss, samples seen.
     """
+    import contextlib
+
     from batctl.console import progress_bar
+    from batctl.distributed import Parallel
 
     examples = training_examples(adaptation, backbone)
     initial_backbone = len(backbone)
@@ -180,32 +186,42 @@ def train_adapter(
     batches = micro_batches(examples, len(adaptation), settings)
     torch.manual_seed(settings.seed)  # adapter dropout
     task.model.train()
+    parallel = Parallel(task, optimizer)
     history: list[dict[str, Any]] = []
-    with (
-        (out_dir / "log.jsonl").open("w", encoding="utf-8") as log_file,
-        progress_bar(description, steps, unit="steps") as advance,
-    ):
+    with contextlib.ExitStack() as stack:
+        log_file = (
+            stack.enter_context((out_dir / "log.jsonl").open("w", encoding="utf-8"))
+            if out_dir is not None
+            else None
+        )
+        advance = stack.enter_context(progress_bar(description, steps, unit="steps"))
         for step in range(steps):
             lr = optimizer.param_groups[0]["lr"]
             step_loss = 0.0
-            for _ in range(settings.grad_accum):
-                loss = (
-                    batch_loss(task, next(batches), settings.backbone_weight) / settings.grad_accum
-                )
-                loss.backward()
-                step_loss += loss.item()
+            for micro in range(settings.grad_accum):
+                mine, share = parallel.share(next(batches))
+                loss = batch_loss(task, mine, settings.backbone_weight) * share
+                loss = loss / settings.grad_accum
+                parallel.backward(loss, sync=micro == settings.grad_accum - 1)
+                step_loss += parallel.mean(loss)
             if not math.isfinite(step_loss):
                 raise_diverged(step + 1, f"the loss is {step_loss}")
-            optimizer.step()
+            parallel.optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            parallel.optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "loss": step_loss, "lr": lr}
             history.append(record)
-            log_file.write(json.dumps(record, allow_nan=False) + "\n")
+            if log_file is not None:
+                log_file.write(json.dumps(record, allow_nan=False) + "\n")
             advance(1, loss=step_loss, lr=lr)
-            if settings.save_every and (step + 1) % settings.save_every == 0:
+            if (
+                out_dir is not None
+                and settings.save_every
+                and (step + 1) % settings.save_every == 0
+            ):
                 check_finite_weights(task, step + 1)
-                task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
+                with parallel.unwrapped():
+                    task.save_adapter(out_dir / "checkpoints" / f"step-{step + 1}")
             # A check after the last step could change nothing: it is not made.
             if reselector is not None and step + 1 < steps:
                 chosen = reselector.maybe_reselect(step + 1, task, backbone)
@@ -215,10 +231,12 @@ def train_adapter(
                     batches = micro_batches(
                         examples, len(adaptation), settings, seed=(settings.seed, step + 1)
                     )
+    parallel.close()
     task.model.eval()
     check_finite_weights(task, steps)
-    task.save_adapter(out_dir)
-    plot_loss(history, out_dir / "loss.png")
+    if out_dir is not None:
+        task.save_adapter(out_dir)
+        plot_loss(history, out_dir / "loss.png")
     return {
         "steps": steps,
         "first_loss": history[0]["loss"] if history else None,

@@ -61,14 +61,14 @@ class ScoreConfig(DataOptions):
     engine: Literal["hooks", "fd"] = "hooks"
     """hooks: one batched backward with per-layer contractions; fd: central finite difference along r."""
 
-    batch_size: int = 32
-    """Pool samples per batch."""
+    batch_size: int = operational(32)
+    """Pool samples per batch (at most; an out-of-memory batch is halved). Scores are per sample, so a run may resume with another batch size."""
 
     chunk_size: int = 4096
     """Rows per zarr chunk: the unit of resumption."""
 
     shard: str | None = operational(None)
-    """Score only shard i of N (by part), e.g. 3/8; default from torchrun's RANK/WORLD_SIZE, else all."""
+    """Score only shard i of N (a contiguous range of chunks), e.g. 3/8; default from torchrun's / accelerate's RANK and WORLD_SIZE, else all. Every shard of one store must use the same N."""
 
     normalize: bool = False
     """Divide each score by the pool sample's gradient norm ||∇L(x)|| (LESS's cosine): stops high-loss samples with large gradients filling the top; hooks engine only."""
@@ -152,7 +152,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         describe_input,
         finish_output,
         naming_os_errors,
-        open_partial,
         output_lock,
         require_stage,
         run_identity,
@@ -162,6 +161,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
+    from batctl.shards import describe_pool, normalise_params, open_score_partial
 
     # setup: every input checked before any model is loaded
     shard, shards = config.shard_of(dict(os.environ))
@@ -175,10 +175,10 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         check_adapter_dir(surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(surrogate)
     inputs["data"] = describe_data(config.data, fp)
-    inputs["pool"] = describe_data(config.pool, fp)
+    inputs["pool"] = describe_pool(config.pool, fp)
     if config.target is not None:
         inputs["target"] = describe_data(config.target, fp)
-    identity = run_identity("score", config.params(), inputs)
+    identity = run_identity("score", normalise_params(config.params()), inputs)
     out = Path(config.out).absolute()
     check_out_path(out, inputs)
     with naming_os_errors(out), output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
@@ -190,7 +190,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             )  # another shard may have published meanwhile
             if config.force or not partial_matches(out, identity):
                 refuse_while_scoring(out)  # wiping a store other shards write would mix two runs
-            work, _ = open_partial(out, identity, config.force)
+            work = open_score_partial(out, identity, config.force, shards)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
             pool = open_pool(
                 config.pool,
@@ -352,7 +352,7 @@ def score_shard(
     from batctl.scorestore import ScoreStore, chunk_owner
 
     store = ScoreStore.open(work, mode="r+")
-    owners = chunk_owner(store.first_row_parts(), len(pool.parts), shards)
+    owners = chunk_owner(store.n_chunks, shards)
     mine = np.flatnonzero(owners == shard)
     done = store.done()
     todo = [int(c) for c in mine if not done[c]]

@@ -17,7 +17,8 @@ class SurrogateConfig(TrainingOptions):
 
 def run(config: SurrogateConfig) -> dict[str, Any]:
     """Train the surrogate adapter into `--out`; returns a summary (steps, losses, sizes)."""
-    from batctl.artifacts import describe_input, open_output
+    from batctl.artifacts import describe_input
+    from batctl.distributed import check_batch_fits, rank_output, world_from_env
     from batctl.samples import describe_data, load_samples
 
     # setup
@@ -25,7 +26,8 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
         "model": describe_input(config.model, config.strict_fingerprints),
         "data": describe_data(config.data, config.strict_fingerprints),
     }
-    with open_output(
+    check_batch_fits(config.batch_size, world_from_env())
+    with rank_output(  # under torchrun / accelerate launch, only rank 0 writes
         config.out, stage="surrogate", params=config.params(), inputs=inputs, force=config.force
     ) as out:
         # torch and transformers only now: an up-to-date output is decided without them

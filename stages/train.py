@@ -85,7 +85,8 @@ SAMPLES_TAR = "samples.tar"
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
-    from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.artifacts import check_same_model, describe_input, require_stage
+    from batctl.distributed import check_batch_fits, rank_output, world_from_env
     from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data, load_samples
 
@@ -110,7 +111,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         check_same_model(config.surrogate, model, "--surrogate")
         check_adapter_dir(config.surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(config.surrogate)
-    with open_output(
+    check_batch_fits(config.batch_size, world_from_env())
+    with rank_output(  # under torchrun / accelerate launch, only rank 0 writes
         config.out, stage="train", params=config.params(), inputs=inputs, force=config.force
     ) as out:
         # torch and transformers only now: an up-to-date output is decided without them

@@ -47,15 +47,12 @@ def test_chunks_are_written_and_flagged_and_survive_reopening(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=12), st.integers(1, 16), st.integers(1, 6))
-def test_every_chunk_has_exactly_one_owner_and_shards_read_contiguous_stretches(
-    sizes, chunk_size, shards
-):
-    parts = np.repeat(np.arange(len(sizes)), sizes)
-    first = parts[::chunk_size]
-    owners = chunk_owner(first, len(sizes), shards)
-    assert owners.min() >= 0 and owners.max() < shards
+@given(st.integers(0, 400), st.integers(1, 40))
+def test_every_chunk_has_one_owner_in_contiguous_ranges_balanced_within_one(n_chunks, shards):
+    owners = chunk_owner(n_chunks, shards)
+    assert len(owners) == n_chunks
+    if n_chunks:
+        assert owners.min() >= 0 and owners.max() < shards
     assert (np.diff(owners) >= 0).all()  # contiguous chunk ranges per shard
-    # A part never straddles two shards' parts: shard of a part is monotone in the part index.
-    part_shard = chunk_owner(np.arange(len(sizes)), len(sizes), shards)
-    assert (np.diff(part_shard) >= 0).all()
+    counts = np.bincount(owners, minlength=shards)
+    assert counts.max() - counts.min() <= 1  # whatever the number of pool files

@@ -32,7 +32,8 @@ class TaskSettings:
     """Local directory or hub id."""
 
     dtype: str = "fp32"
-    """fp32, bf16 or fp16: the frozen backbone's precision (adapters stay fp32)."""
+    """auto, fp32, bf16 or fp16: the frozen backbone's precision (adapters stay fp32); auto is
+    bf16 on a GPU that supports it, else fp32 (batctl.devices)."""
 
     trust_remote_code: bool = False
     """Passed to from_pretrained; only ever True when the user asked for it."""
@@ -53,7 +54,7 @@ class TaskSettings:
     """Diffusion: (timestep, noise) draws averaged per sample."""
 
     device: str | None = None
-    """torch device; default cuda when available, else cpu."""
+    """cpu, cuda, cuda:N or mps; None: this rank's own GPU when there is one (batctl.devices)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(requested: str | None) -> torch.device:
-    """The requested device, else cuda when available, else cpu."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else this rank's own GPU when there is one, else cpu."""
+    from batctl.devices import this_machine_device
+
+    return this_machine_device(requested)
+
+
+def torch_dtype(settings: TaskSettings, device: torch.device) -> torch.dtype:
+    """The backbone's torch dtype for these settings on `device` (resolving "auto")."""
+    from batctl.devices import this_machine_dtype
+
+    return DTYPES[this_machine_dtype(settings.dtype, device)]
 
 
 class Task(abc.ABC):
@@ -137,6 +145,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of each sample in `batch`, shape [B], float32, differentiable w.r.t. the adapter."""
+
+    def forward_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules `per_sample_loss` calls, by attribute path on the task: what data-parallel
+        training wraps (DDP, autocast) so their adapters' gradients are averaged over ranks."""
+        return {"model": self.model}
 
     def size_hint(self, sample: Sample) -> int:
         """A sample's compute cost in the family's own unit (LM: tokens), so `score` can batch

@@ -47,7 +47,7 @@ import torch
 
 from batctl.data import Sample
 from batctl.errors import BadSampleError, BatctlError, UsageError
-from batctl.tasks.base import DTYPES, AdapterSettings, Role, Task, TaskSettings, pick_device
+from batctl.tasks.base import AdapterSettings, Role, Task, TaskSettings, pick_device, torch_dtype
 
 log = logging.getLogger("batctl.tasks.diffusion")
 
@@ -159,7 +159,7 @@ class DiffusionTask(Task):
             raise UsageError(
                 f"--resolution {settings.resolution}: must be a positive multiple of 8"
             )
-        dtype = DTYPES[settings.dtype]
+        dtype = torch_dtype(settings, self.device)
         model = settings.model
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -220,6 +220,12 @@ class DiffusionTask(Task):
         from peft import PeftModel
 
         return isinstance(self.model.text_encoder, PeftModel)
+
+    def forward_modules(self) -> dict[str, torch.nn.Module]:
+        parts = {"model.unet": self.model.unet}
+        if self.text_encoder_adapted():
+            parts["model.text_encoder"] = self.model.text_encoder
+        return parts
 
     # ------------------------------------------------------------------ adapters
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from batctl.data import Sample
 from batctl.errors import BadSampleError, BatctlError, UsageError
-from batctl.tasks.base import DTYPES, AdapterSettings, Role, Task, TaskSettings, pick_device
+from batctl.tasks.base import AdapterSettings, Role, Task, TaskSettings, pick_device, torch_dtype
 
 log = logging.getLogger("batctl.tasks.lm")
 
@@ -90,7 +90,7 @@ class LMTask(Task):
             )
             base = AutoModelForCausalLM.from_pretrained(
                 settings.model,
-                dtype=DTYPES[settings.dtype],
+                dtype=torch_dtype(settings, self.device),
                 trust_remote_code=settings.trust_remote_code,
                 use_safetensors=True,  # never torch.load a pickle
             )
