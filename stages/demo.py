@@ -22,9 +22,9 @@ from batctl.config import OutputOptions
 log = logging.getLogger("batctl.demo")
 
 PRECONDITIONERS = ("woodbury", "datainf", "identity")
-DEMO_METHODS = ("influence", "bm25")
-"""What the demo compares by default: batctl's default method and the strongest cheap baseline
-(benchmarks/bat_quality.py measures them all)."""
+DEMO_METHODS = ("fusion", "bm25")
+"""What the demo compares by default: batctl's default method (`score --method fusion`) and the
+strongest cheap baseline (benchmarks/bat_quality.py measures them all)."""
 
 
 @dataclass(frozen=True)

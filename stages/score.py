@@ -31,8 +31,8 @@ class ScoreConfig(DataOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "pool", "out")
     UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size")
 
-    method: Literal["influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion"] = "influence"
-    """What ranks the pool: influence at the surrogate; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence); fusion (the sum of the z-scores of influence, bm25 and tfidf)."""
+    method: Literal["fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"] = "fusion"
+    """What ranks the pool: fusion (the sum of the z-scores of influence, bm25 and tfidf: the best on benchmarks/bat_quality.py's dev world); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
@@ -101,6 +101,8 @@ class ScoreConfig(DataOptions):
             parse_shard(self.shard)
         except ValueError as exc:
             out.append(f"--shard: {exc}")
+        if self.layer_scores and self.method != "influence":
+            out.append("--layer-scores needs --method influence (the others have no layers)")
         if self.layer_scores and self.engine == "fd":
             out.append("--layer-scores needs --engine hooks (fd only measures the total)")
         if self.normalize and self.engine == "fd":

@@ -120,21 +120,21 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
     assert (
-        "| influence-g0.5 |" in payload["table"]
+        "| fusion-g0.5 |" in payload["table"]
         and "| bm25-g0.5 |" in payload["table"]
         and "oracle θ*" in payload["table"]
     )
     for name in (
         "surrogate",
-        "scores-influence",
+        "scores-fusion",
         "scores-bm25",
-        "select-influence",
+        "select-fusion",
         "select-bm25",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
-    for label in ("none", "random-g0.5", "random-g0.9", "influence-g0.5", "bm25-g0.9"):
+    for label in ("none", "random-g0.5", "random-g0.9", "fusion-g0.5", "bm25-g0.9"):
         assert (out / "train" / label / "adapter_model.safetensors").is_file(), label
     report = out / "report"
     for name in (
@@ -156,16 +156,16 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert math.isfinite(row["weight_diff_rel"]) and row["weight_diff_rel"] > 0
     # γ = 0.5 adds k = n samples; their domain make-up is read from the selection itself.
-    chosen = json.loads((out / "select-influence" / "gamma-0.5" / "selection.json").read_text())
+    chosen = json.loads((out / "select-fusion" / "gamma-0.5" / "selection.json").read_text())
     keys = [c["key"] for c in chosen["chosen"]]
-    assert rows["influence-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
+    assert rows["fusion-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
     share = sum(World.domain_of(k) == "email" for k in keys) / len(keys)
-    assert rows["influence-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["fusion-g0.5"]["target_share"] == pytest.approx(share)
 
     # the recipe reached the stages: the surrogate's own steps, score's normalisation
     surrogate_log = (out / "surrogate" / "log.jsonl").read_text().splitlines()
     assert max(json.loads(line)["step"] for line in surrogate_log) == 2
-    score_params = json.loads((out / "scores-influence" / "manifest.json").read_text())["params"]
+    score_params = json.loads((out / "scores-fusion" / "manifest.json").read_text())["params"]
     assert score_params["normalize"] is True
 
     again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")  # warm: all up to date

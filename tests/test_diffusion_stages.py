@@ -70,6 +70,8 @@ def test_surrogate_score_select_train_eval_on_a_tiny_stable_diffusion(cli, world
 
     result = cli(
         "score",
+        "--method",
+        "influence",
         *common,
         "--surrogate",
         tmp_path / "sur",
@@ -166,6 +168,8 @@ def test_text_encoder_lora_through_surrogate_score_and_train(cli, world, tmp_pat
 
     result = cli(
         "score",
+        "--method",
+        "influence",
         *common,
         "--surrogate",
         tmp_path / "sur",

@@ -204,7 +204,18 @@ def test_11_non_finite_score_and_mix_flags_are_refused(
     cli, lm, domain, tmp_path, stage, flags, named
 ):
     common = {
-        "score": ["--model", lm, "--surrogate", tmp_path, "--data", domain, "--pool", domain],
+        "score": [
+            "--method",
+            "influence",
+            "--model",
+            lm,
+            "--surrogate",
+            tmp_path,
+            "--data",
+            domain,
+            "--pool",
+            domain,
+        ],
         "train": ["--model", lm, "--data", domain, *FAST],
         "select": ["--scores", tmp_path, "--gamma", "0.5"],
     }[stage]
@@ -219,7 +230,19 @@ def test_11_a_store_with_nothing_scored_is_not_published(cli_module, lm, surroga
     before = tree_hashes(pool, data, sur, lm)
     out = tmp_path / "scores"
     result = cli_module(
-        "score", "--model", lm, "--surrogate", sur, "--data", data, "--pool", pool, "--out", out
+        "score",
+        "--method",
+        "influence",
+        "--model",
+        lm,
+        "--surrogate",
+        sur,
+        "--data",
+        data,
+        "--pool",
+        pool,
+        "--out",
+        out,
     )
     assert "no sample got a finite score" in one_error(result, 1)
     assert not out.exists() and (tmp_path / ".scores.partial").is_dir()  # kept for inspection
@@ -318,7 +341,7 @@ def hostile_run(cli_module, lm, surrogate, tmp_path_factory):
     before = tree_hashes(*pool, data, sur, lm)
     out = root / "scores"
     score = cli_module(
-        "score", "--model", lm, "--surrogate", sur, "--data", data,
+        "score", "--method", "influence", "--model", lm, "--surrogate", sur, "--data", data,
         *[a for p in pool for a in ("--pool", p)], "--out", out, "--max-sample-mib", "1", "--batch-size", "4",
     )  # fmt: skip
     select = cli_module("select", "--scores", out, "--threshold", "-1e30", "--out", root / "sel")

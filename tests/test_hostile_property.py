@@ -200,7 +200,7 @@ def test_score_on_random_pools_scores_or_counts_every_row(scoring, files):
             (Path(tmp) / name).write_bytes(content)
             args += ["--pool", Path(tmp) / name]
         out = Path(tmp) / "scores"
-        result = cli("score", "--model", lm, "--surrogate", sur, "--data", data, *args,
+        result = cli("score", "--method", "influence", "--model", lm, "--surrogate", sur, "--data", data, *args,
                      "--out", out, "--batch-size", "4", "--chunk-size", "4")  # fmt: skip
         assert (
             "Traceback" not in result.stderr

@@ -267,7 +267,7 @@ def test_candidates_from_a_score_store(cli, world, tmp_path):
     pool.write_text("\n".join(mixed_pool_lines(16, 10, np.random.default_rng(0), 8)) + "\n")
     common = ["--model", world["lm"], "--data", world["domain"]]
     scored = cli(
-        "score", *common, "--surrogate", world["sur"], "--pool", pool, "--out", tmp_path / "scores",
+        "score", "--method", "influence", *common, "--surrogate", world["sur"], "--pool", pool, "--out", tmp_path / "scores",
         "--chunk-size", "8", "--batch-size", "4",
     )  # fmt: skip
     assert scored.exit_code == 0, scored.stderr

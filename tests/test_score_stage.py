@@ -62,6 +62,8 @@ def setup(tmp_path_factory):
 def score_args(setup, out, *extra):
     return [
         "score",
+        "--method",
+        "influence",
         "--model",
         setup["lm"],
         "--surrogate",

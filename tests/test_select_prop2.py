@@ -85,7 +85,7 @@ def pipeline(tmp_path_factory):
     for args in (
         ["surrogate", "--model", lm, "--data", domain, "--out", root / "sur", "--steps", "8",
          "--lr", "1e-2", "--targets", "all-linear"],
-        ["score", "--model", lm, "--surrogate", root / "sur", "--data", domain, "--pool",
+        ["score", "--method", "influence", "--model", lm, "--surrogate", root / "sur", "--data", domain, "--pool",
          root / "pool.jsonl", "--out", root / "scores", "--chunk-size", "8", "--batch-size", "4"],
     ):  # fmt: skip
         result = runner.invoke(app, [str(a) for a in args])
