@@ -343,7 +343,7 @@ def candidates_from_scores(path: Path, count: int) -> tuple[list[Sample], float 
     """The `count` best-scored eligible rows of the score store at `path` (albat order, one row
     per key), decoded from the pool, and the score run's damping c (None if not recorded)."""
     from batctl import selection as sel
-    from batctl.stages.select import Fetcher
+    from batctl.fetch import Fetcher
 
     source = sel.open_scores(path)
     columns = sel.read_columns(source.store)

@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Literal
 
 from batctl.config import OutputOptions, flag_name
 from batctl.errors import BatctlError
+from batctl.fetch import Fetcher, write_tars
+from batctl.previews import plot_scores, pool_samples, write_preview
 
 log = logging.getLogger("batctl.select")
 
@@ -144,13 +146,7 @@ class SelectConfig(OutputOptions):
 
 PROP2_FIELDS = ("model", "surrogate", "data", "damping", "batch_size", "trust_remote_code")
 """Select's flags that only Proposition 2 (--prop2, --gamma auto) reads."""
-SAMPLES_TAR = "samples.tar"
 SELECTION_JSON = "selection.json"
-PREVIEW_TEXTS = 100
-"""preview.md shows the first this many chosen texts."""
-SHEET_IMAGES = 64
-"""contact_sheet.png shows the first this many chosen images."""
-THUMB = 128
 
 
 def run(config: SelectConfig) -> dict[str, Any]:
@@ -314,11 +310,6 @@ def run(config: SelectConfig) -> dict[str, Any]:
     return result
 
 
-def pool_samples(m: int) -> str:
-    """`1 pool sample`, `4 pool samples`."""
-    return f"{m} pool sample{'' if m == 1 else 's'}"
-
-
 def gamma_summary(value: Any, n: int) -> str:
     """One selection in the γ = n / (n + m) notation, with the γ asked for when the γ achieved
     differs (m is a whole number of samples): `gamma-0.75: m = 2 pool samples added to n = 5,
@@ -328,82 +319,6 @@ def gamma_summary(value: Any, n: int) -> str:
     if asked is not None and abs(float(asked) - value.gamma) > 5e-5:
         text += f" (asked {float(asked):.4g}; m is rounded to whole samples)"
     return text
-
-
-# ------------------------------------------------------------------------------ pool access
-
-
-class Fetcher:
-    """Chosen samples back from the pool by (part, offset): no scan, each sample checked
-    against the store's key (a pool edited since scoring is an error, not a wrong sample)."""
-
-    def __init__(self, source: Any, pool_paths: list[str]) -> None:
-        from batctl.data import open_pool
-
-        self.source = source
-        self.store = source.store
-        self.pool = open_pool(
-            pool_paths, paragraphs=bool(source.params.get("paragraphs", False)), decode=False
-        )
-        self._part: Any = None
-        self._offset: Any = None
-        self._keys: Any = None
-        self._locations: dict[int, tuple[int, int, str]] = {}
-        self._cache: dict[int, Any] = {}
-
-    def load_all_locations(self, keys: Any) -> None:
-        """Read the part and offset columns whole (for --dedupe, which reads rows one by one);
-        `keys` is the store's key column."""
-        self._part = self.store.column("part")
-        self._offset = self.store.column("offset")
-        self._keys = keys
-
-    def locate(self, rows: Any, keys: Any) -> None:
-        """Read part and offset of `rows` only; `keys` is the store's key column."""
-        from batctl.selection import read_locations
-
-        if self._part is not None:
-            return
-        part, offset = read_locations(self.store, rows)
-        self._locations = {
-            int(r): (int(p), int(o), str(keys[r]))
-            for r, p, o in zip(rows.tolist(), part.tolist(), offset.tolist(), strict=True)
-        }
-
-    def where(self, row: int) -> tuple[int, int, str]:
-        """(part, offset, key) of store row `row`."""
-        if self._part is not None:
-            return int(self._part[row]), int(self._offset[row]), str(self._keys[row])
-        return self._locations[row]
-
-    def raw_row(self, row: int, keep: bool = False) -> Any:
-        """The sample of store row `row` (raw bytes, not decoded)."""
-        sample = self._cache.get(row)
-        if sample is not None:
-            return sample
-        part, offset, key = self.where(row)
-        sample = self.pool.read(part, offset)
-        if sample.key != key:
-            raise BatctlError(
-                f"{self.pool.parts[part].path}: the sample at offset {offset} is {sample.key!r}, "
-                f"but the score store expects {key!r}: the pool changed since it was scored; "
-                "rescore it (batctl score --force)"
-            )
-        if keep:
-            self._cache[row] = sample
-        return sample
-
-    def decoded(self, row: int) -> Any:
-        """The decoded sample of `row` (for previews and gradients)."""
-        from batctl.data import BadSample
-
-        sample = self.pool.decoded(self.raw_row(row, keep=True))
-        if isinstance(sample, BadSample):
-            raise BatctlError(
-                f"{sample.path} [{sample.key}]: {sample.reason}; it was readable when scored, so "
-                "the pool changed: rescore it (batctl score --force)"
-            )
-        return sample
 
 
 # ------------------------------------------------------------------------------ Proposition 2
@@ -496,68 +411,6 @@ def proposition2(
 # ------------------------------------------------------------------------------ outputs
 
 
-class SampleTar:
-    """Writes samples as `webdataset.TarWriter` does (one member `KEY.EXT` per raw member, in
-    sorted extension order, user and group "bigdata", mode 0o444), with a fixed mtime so the
-    same selection gives the same bytes. Members are written verbatim: TarWriter would gzip a
-    `json.gz` member a second time. Plain tarfile, because importing webdataset imports torch
-    and select's default path must start fast."""
-
-    def __init__(self, path: Path, mtime: float = 0.0) -> None:
-        import tarfile
-
-        self._tarfile = tarfile
-        # PAX writes plain ustar headers for ordinary names (TarWriter's bytes exactly) and
-        # extended headers only for long or non-ASCII keys, which ustar cannot hold.
-        self.tar = tarfile.open(str(path), "w", format=tarfile.PAX_FORMAT)
-        self.mtime = mtime
-
-    def write(self, key: str, raw: dict[str, bytes]) -> None:
-        import io
-
-        from batctl.data.tario import unsafe_member_name
-
-        for ext in sorted(raw):
-            data = raw[ext]
-            why = unsafe_member_name(f"{key}.{ext}")
-            if why is not None:  # the readers never yield such a sample; refuse, never write it
-                raise BatctlError(f"sample {key!r} cannot go into samples.tar: {why}")
-            info = self._tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = self.mtime
-            info.mode = 0o444
-            info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
-
-
-def write_tars(work: Path, plan: Any, fetch: Fetcher | None, top_level: bool) -> None:
-    """Every value's samples.tar in one pass over the stream: each chosen sample is read once
-    (by part and offset) and written to the tar of every value whose prefix holds it."""
-    from batctl.console import progress_bar
-
-    dirs = [(work, 0)] if top_level else [(work / v.name, v.count) for v in plan.values]
-    writers: list[tuple[SampleTar, int]] = []
-    try:
-        for directory, count in dirs:
-            directory.mkdir(exist_ok=True)
-            writers.append((SampleTar(directory / SAMPLES_TAR), count))
-        longest = max((count for _, count in dirs), default=0)
-        if longest:
-            with progress_bar("fetching selected samples", longest) as advance:
-                for j, row in enumerate(plan.stream[:longest].tolist()):
-                    sample = fetch.raw_row(row)  # type: ignore[union-attr]
-                    for writer, count in writers:
-                        if j < count:
-                            writer.write(sample.key, sample.raw)
-                    advance(1)
-    finally:
-        for writer, _ in writers:
-            writer.close()
-
-
 def selection_payload(
     value: Any,
     plan: Any,
@@ -609,110 +462,6 @@ def selection_payload(
     if auto_report is not None:
         payload["auto"] = auto_report
     return payload
-
-
-def write_preview(directory: Path, value: Any, plan: Any, fetch: Fetcher | None) -> None:
-    """contact_sheet.png of the first chosen images, or preview.md of the first chosen texts."""
-    count = value.count if value is not None else 0
-    rows = plan.stream[: min(count, max(PREVIEW_TEXTS, SHEET_IMAGES))].tolist()
-    samples = [fetch.decoded(r) for r in rows] if rows else []  # type: ignore[union-attr]
-    images = [(j, s) for j, s in enumerate(samples[:SHEET_IMAGES]) if "image" in s.record]
-    if images:
-        contact_sheet(directory / "contact_sheet.png", images, plan)
-        return
-    name = value.name if value is not None else "selection"
-    lines = [f"# {name}: {pool_samples(count)} ({plan.strategy})", ""]
-    if value is not None:
-        lines.append(f"γ = n / (n + m) = {plan.n} / ({plan.n} + {count}) = {value.gamma:.4g}")
-        if value.kind in ("gamma", "auto") and value.requested is not None:
-            lines[-1] += f" (asked {float(value.requested):.4g})"
-        lines.append("")
-    if not samples:
-        lines.append("No pool samples selected: training on this selection is plain adaptation.")
-    else:
-        lines += ["| rank | score | key | sample |", "|---:|---:|---|---|"]
-        for j, sample in enumerate(samples[:PREVIEW_TEXTS]):
-            text = _cell(_text_of(sample.record))
-            score = float(plan.stream_scores[j])
-            lines.append(f"| {j + 1} | {score:.4g} | {_cell(sample.key)} | {text} |")
-        if count > PREVIEW_TEXTS:
-            lines += ["", f"... and {count - PREVIEW_TEXTS} more (all in selection.json)."]
-    (directory / "preview.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _text_of(record: dict[str, Any]) -> str:
-    if "instruction" in record:
-        prompt = record["instruction"] + (f" · {record['input']}" if record.get("input") else "")
-        return f"{prompt} → {record.get('output', '')}"
-    for name in ("text", "caption"):
-        if record.get(name):
-            return str(record[name])
-    return "(no text)"
-
-
-def _cell(text: str, limit: int = 240) -> str:
-    text = " ".join(str(text).split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("|", "\\|")
-
-
-def contact_sheet(path: Path, images: list[tuple[int, Any]], plan: Any) -> None:
-    """A grid of thumbnails, each labelled with its rank and score."""
-    from PIL import Image, ImageDraw, ImageOps
-
-    columns = min(8, len(images))
-    label = 28
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * THUMB, rows * (THUMB + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (j, sample) in enumerate(images):
-        x, y = (i % columns) * THUMB, (i // columns) * (THUMB + label)
-        thumb = ImageOps.contain(sample.record["image"].convert("RGB"), (THUMB, THUMB))
-        sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
-        draw.text(
-            (x + 3, y + THUMB + 2), f"#{j + 1}  {float(plan.stream_scores[j]):.3g}", fill="black"
-        )
-        draw.text((x + 3, y + THUMB + 14), sample.key[-20:], fill="gray")
-    sheet.save(path)
-
-
-def plot_scores(
-    path: Path, columns: Any, plan: Any, values: list[Any], title: str, chosen: Any = None
-) -> None:
-    """Histogram of every eligible score, each value's score cut marked (albat), the chosen
-    samples' scores overlaid for one selection."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    from batctl.selection import cut_of, eligible_rows, histogram
-
-    scores = columns.score[eligible_rows(columns)]
-    counts, edges = histogram(scores)
-    fig = Figure(figsize=(7, 3.6))
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.15, top=0.9)
-    ax = fig.subplots()
-    if len(counts):
-        ax.stairs(counts, edges, fill=True, alpha=0.35, label=f"eligible ({len(scores)})")
-        if chosen is not None and len(chosen):
-            picked, _ = np.histogram(np.asarray(chosen, dtype=np.float64), bins=edges)
-            ax.stairs(picked, edges, fill=True, alpha=0.8, label=f"selected ({len(chosen)})")
-        if counts.max() > 50:
-            ax.set_yscale("log")
-    cuts = [
-        (f"{v.name}: η", float(v.requested))
-        if v.kind == "threshold"
-        else (f"{v.name}: cut", cut_of(plan, v))
-        for v in values
-    ]
-    for i, (name, x) in enumerate(c for c in cuts if c[1] is not None):
-        ax.axvline(x, ls="--", lw=1, color=f"C{(i % 8) + 2}", label=f"{name} {x:.3g}")
-    ax.set_xlabel("score s(x)  (higher: a step on x lowers the target loss more)")
-    ax.set_ylabel("pool samples")
-    ax.set_title(title, fontsize=9)
-    if len(counts) or cuts:
-        ax.legend(fontsize=7, loc="upper right")
-    fig.savefig(path, dpi=90)
 
 
 def write_manifest(directory: Path, out: Any, name: str) -> None:

@@ -433,9 +433,8 @@ def test_12_unsafe_names_and_links_are_counted_never_copied(hostile_run):
 
 
 def test_12_select_refuses_to_write_an_unsafe_name(tmp_path):
-    from batctl.stages.select import SampleTar
-
     from batctl.errors import BatctlError
+    from batctl.fetch import SampleTar
 
     sink = SampleTar(tmp_path / "s.tar")
     with pytest.raises(BatctlError, match="'..' component"):

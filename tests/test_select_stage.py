@@ -118,7 +118,8 @@ def test_samples_tar_round_trips_every_chosen_sample_byte_for_byte(cli, scored, 
 
 def test_sample_tar_writes_the_bytes_webdataset_tarwriter_writes(tmp_path):
     import webdataset as wds
-    from batctl.stages.select import SampleTar
+
+    from batctl.fetch import SampleTar
 
     samples = [laion_sample(i) for i in range(3)] + [
         {"__key__": "pool-0:7", "json": b'{"text": "hi"}'}
