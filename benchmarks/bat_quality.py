@@ -10,7 +10,8 @@ Per world the surrogate (seed 0) and every method's score store are computed onc
 each γ and training seed: `select` (top by score; random and perfect-target drawn with the
 seed), `train` (the demo's recipe, seeded), and one `eval` per seed over all its adapters.
 Differences are paired by training seed. Everything runs through the ordinary stages, each an
-output directory under --out, so an interrupted benchmark resumes where it stopped.
+output directory under --out, so an interrupted benchmark resumes where it stopped (finished
+outputs are reused as they are).
 
     python benchmarks/bat_quality.py [--domains logging email ...] [--seeds 0 1 2]
         [--gammas 0.5 0.75] [--methods influence bm25 ...] [--out runs/bat-quality]
@@ -40,9 +41,16 @@ SCORED_METHODS = ("influence", *BASELINES, "hybrid", "fusion")
 
 
 def stage(name: str, **flags: Any) -> None:
-    """Run one stage in this process (no start-up cost per call); up to date is fine."""
+    """Run one stage in this process (no start-up cost per call); up to date is fine.
+
+    A finished output (its manifest written) is reused as it is, even when written by an
+    older batctl whose flags differ: the benchmark's hours of training survive upgrades.
+    Delete a directory to recompute it.
+    """
     from batctl.stages.demo import run_stage
 
+    if (Path(flags["out"]) / "manifest.json").is_file():
+        return
     run_stage(name, **flags)
 
 
@@ -55,10 +63,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
     """The score store of `method` on `world`, and the CPU seconds it took (0 when up to date)."""
     from batctl.methods import reads_surrogate
+    from batctl.stages.score import FUSE_DEFAULT
 
     path = out / f"scores-{method}"
     flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
-    if reads_surrogate(flags["method"], flags.get("fuse", ())):
+    if reads_surrogate(flags["method"], flags.get("fuse", FUSE_DEFAULT)):
         flags.update(surrogate=surrogate, **world.score_flags)
     started = time.process_time()
     done_before = (path / "manifest.json").is_file()

@@ -163,9 +163,10 @@ def score_with(
     """The score store of `method` on the world's pool (the gradient methods read the surrogate
     and the world's score recipe); returns its directory."""
     from batctl.methods import reads_surrogate
+    from batctl.stages.score import FUSE_DEFAULT
 
     extra: dict[str, Any] = {}
-    if reads_surrogate(method, ("influence",)):
+    if reads_surrogate(method, FUSE_DEFAULT):
         extra = {
             "surrogate": surrogate,
             "preconditioner": config.preconditioner,
