@@ -62,8 +62,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
     """The score store of `method` on `world`, and the CPU seconds it took (0 when up to date)."""
-    from batctl.methods import reads_surrogate
     from batctl.stages.score import FUSE_DEFAULT
+
+    from batctl.methods import reads_surrogate
 
     path = out / f"scores-{method}"
     flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))

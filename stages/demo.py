@@ -162,8 +162,9 @@ def score_with(
 ) -> Path:
     """The score store of `method` on the world's pool (the gradient methods read the surrogate
     and the world's score recipe); returns its directory."""
-    from batctl.methods import reads_surrogate
     from batctl.stages.score import FUSE_DEFAULT
+
+    from batctl.methods import reads_surrogate
 
     extra: dict[str, Any] = {}
     if reads_surrogate(method, FUSE_DEFAULT):
