@@ -430,14 +430,22 @@ def _list_outputs(work: Path) -> dict[str, int]:
     }
 
 
+#: errors of a write that has no path to report: the disk, a quota or a file-size limit is full
+_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+    if hasattr(errno, "EDQUOT")
+    else {errno.ENOSPC, errno.EFBIG}
+)
+
+
 @contextlib.contextmanager
 def naming_os_errors(path: Path) -> Iterator[None]:
-    """Re-raise an OSError that names no file (a full disk, a file-size limit: the write call
+    """Re-raise a path-less write error (a full disk, a quota, a file-size limit: the write call
     knows no path) as the same error naming `path`, the output being written."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
+        if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:
             raise
         raise OSError(exc.errno, f"{exc.strerror or exc} (while writing)", str(path)) from exc
 

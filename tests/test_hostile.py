@@ -385,6 +385,24 @@ def test_04_the_reader_never_holds_a_line_over_the_cap(tmp_path):
     assert peak < 8 * MIB, peak  # the cap, a read chunk and the stream buffer; not 40 MiB
 
 
+def test_04_a_huge_json_array_element_is_counted_without_being_held(tmp_path):
+    import tracemalloc
+
+    from batctl.data import open_pool
+
+    path = tmp_path / "p.json"
+    huge = b'{"text": "' + b"q" * (40 * MIB) + b'"}'
+    path.write_bytes(b'[{"text": "a"},\n' + huge + b',\n{"text": "b"}]')
+    tracemalloc.start()
+    rows = list(open_pool([path], max_sample_bytes=MIB).iter_rows())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # documented limit: an array cannot be resynchronised after an element it did not hold
+    assert [type(r).__name__ for r in rows] == ["Sample", "BadSample"]
+    assert rows[1].code == "oversized" and "rest of this array is not read" in rows[1].reason
+    assert peak < 8 * MIB, peak
+
+
 def test_05_a_huge_tar_member_is_skipped_unread_and_counted(hostile_run, tmp_path):
     import tracemalloc
 
