@@ -1,6 +1,7 @@
 """Start-up time of the commands a Makefile calls over and over, next to `python -c pass`.
 
-Times, best and median of `--repeats` runs each (after one warm-up run, so all read from the
+Wall time (best, median) and CPU time (median, user + sys of the child: what a busy machine
+barely changes) of `--repeats` runs each (after one warm-up run, so all read from the
 page cache), as fresh processes:
 
 - `python -c pass`: the interpreter alone, the floor;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,13 +44,18 @@ PROBE = (
 )
 
 
-def run(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the child, its stderr). CPU time barely depends on what
+    else the machine runs; wall time does."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
-    return seconds, proc.stderr
+    return seconds, cpu, proc.stderr
 
 
 def batctl(*args: str) -> list[str]:
@@ -83,10 +90,11 @@ def main() -> None:
         for name, (argv, is_batctl) in cases.items():
             argv = [sys.executable, "-c", PROBE, *argv] if is_batctl else argv
             run(argv, env)  # warm-up
-            times, heavy = [], "-"
+            times, cpus, heavy = [], [], "-"
             for _ in range(args.repeats):
-                seconds, err = run(argv, env)
+                seconds, cpu, err = run(argv, env)
                 times.append(seconds)
+                cpus.append(cpu)
                 if is_batctl:
                     heavy = err.rsplit("HEAVY ", 1)[-1].strip()
             rows.append(
@@ -94,18 +102,24 @@ def main() -> None:
                     "command": name,
                     "best_s": round(min(times), 3),
                     "median_s": round(statistics.median(times), 3),
+                    "median_cpu_s": round(statistics.median(cpus), 3),
                     "heavy_imports": heavy,
                 }
             )
     load = os.getloadavg()[0]
     floor = rows[0]["median_s"]
     print(f"start-up, {args.repeats} runs each, load average {load:.2f}")
-    print(f"{'command':32} {'best s':>8} {'median s':>9} {'x pass':>7}  heavy imports")
+    cpu_floor = rows[0]["median_cpu_s"]
+    print(
+        f"{'command':32} {'best s':>8} {'median s':>9} {'x pass':>7} {'cpu s':>7} {'x pass':>7}"
+        "  heavy imports"
+    )
     for row in rows:
         ratio = row["median_s"] / floor if floor else float("nan")
+        cpu_ratio = row["median_cpu_s"] / cpu_floor if cpu_floor else float("nan")
         print(
-            f"{row['command']:32} {row['best_s']:8.3f} {row['median_s']:9.3f} {ratio:7.1f}  "
-            f"{row['heavy_imports']}"
+            f"{row['command']:32} {row['best_s']:8.3f} {row['median_s']:9.3f} {ratio:7.1f} "
+            f"{row['median_cpu_s']:7.3f} {cpu_ratio:7.1f}  {row['heavy_imports']}"
         )
     print(json.dumps({"benchmark": "startup", "load_average": load, "rows": rows}))
 
