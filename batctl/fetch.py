@@ -24,7 +24,10 @@ class Fetcher:
         self.source = source
         self.store = source.store
         self.pool = open_pool(
-            pool_paths, paragraphs=bool(source.params.get("paragraphs", False)), decode=False
+            pool_paths,
+            paragraphs=bool(source.params.get("paragraphs", False)),
+            decode=False,
+            max_sample_bytes=int(source.params.get("max_sample_mib", 16)) << 20,  # as scored
         )
         self._part: Any = None
         self._offset: Any = None

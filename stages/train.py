@@ -131,7 +131,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if config.selection is not None:
             # strategy none writes an empty samples.tar: plain adaptation through the same path
             tar = str(config.selection / SAMPLES_TAR)
-            backbone = load_samples(tar, flag="--selection", strict=True, allow_empty=True)
+            backbone = load_samples(
+                tar,
+                flag="--selection",
+                strict=True,
+                allow_empty=True,
+                max_sample_bytes=config.max_sample_bytes(),
+            )
         reselector = make_reselector(config, adaptation, backbone, out.work)
         task = load_task(config.task_settings(), config.task)
         if config.init == "surrogate":
