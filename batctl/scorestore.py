@@ -56,6 +56,13 @@ def chunk_owner(n_chunks: int, shard_count: int) -> np.ndarray:
     return (np.arange(n_chunks, dtype=np.int64) * shard_count) // max(1, n_chunks)
 
 
+def store_path(root: str | Path) -> str:
+    """Where scores.zarr lives in score directory `root` (a local path or a URL)."""
+    from batctl.remote import join
+
+    return join(root, STORE)
+
+
 class ScoreStore:
     """A `scores.zarr` group opened for reading or writing."""
 
@@ -85,7 +92,7 @@ class ScoreStore:
         """
         import zarr
 
-        group = zarr.open_group(str(Path(root) / STORE), mode="w")
+        group = zarr.open_group(store_path(root), mode="w")
         chunks = (chunk_size,)
         shape = (n_rows,)
         group.create_array("score", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
@@ -138,14 +145,19 @@ class ScoreStore:
 
     @classmethod
     def open(cls, root: str | Path, mode: str = "r") -> ScoreStore:
-        """Open the store inside score directory (or partial work directory) `root`."""
+        """Open the store inside score directory (or partial work directory) `root`, a local
+        path or a URL (s3://...)."""
         import zarr
 
-        return cls(zarr.open_group(str(Path(root) / STORE), mode=mode))
+        return cls(zarr.open_group(store_path(root), mode=mode))
 
     @staticmethod
     def exists(root: str | Path) -> bool:
-        """True when `root` holds a store (complete or not)."""
+        """True when `root` (a path or URL) holds a store (complete or not)."""
+        from batctl import remote
+
+        if remote.is_url(str(root)):
+            return remote.exists(remote.join(store_path(root), "zarr.json"))
         return (Path(root) / STORE / "zarr.json").is_file()
 
     # ------------------------------------------------------------------ geometry

@@ -19,6 +19,10 @@ class ScoreConfig(DataOptions):
     """Score every pool sample against the adaptation set, resumably."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "surrogate", "data", "pool", "out")
+    REMOTE_OUT: ClassVar[bool] = True
+
+    out: str | None = None
+    """Output directory, or an s3:// (gs://, az://) URL that every shard writes into; manifest.json inside marks it complete."""
 
     surrogate: Path | None = None
     """Surrogate adapter directory (the output of `batctl surrogate`)."""
@@ -40,6 +44,9 @@ class ScoreConfig(DataOptions):
 
     batch_size: int = operational(32)
     """Pool samples per batch (at most; an out-of-memory batch is halved). Scores are per sample, so a run may resume with another batch size."""
+
+    max_batch_tokens: int | None = operational(None)
+    """Also cap each batch at this many padded tokens (samples x longest sample; LM only), e.g. 16384; the costliest batch runs first."""
 
     chunk_size: int = 4096
     """Rows per zarr chunk: the unit of resumption."""
@@ -63,6 +70,8 @@ class ScoreConfig(DataOptions):
         for name in ("batch_size", "chunk_size", "loss_draws"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            out.append(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         try:
             parse_shard(self.shard)
         except ValueError as exc:
@@ -71,7 +80,10 @@ class ScoreConfig(DataOptions):
             out.append("--layer-scores needs --engine hooks (fd only measures the total)")
         if self.normalize and self.engine == "fd":
             out.append("--normalize needs --engine hooks (fd never sees a per-sample gradient)")
-        return out
+        from batctl.remote import url_problem
+
+        found = [url_problem(s, "--pool", True) for s in self.pool]
+        return out + [p for p in found if p]
 
     def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
         """(i, N) from --shard, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
@@ -84,6 +96,9 @@ class ScoreConfig(DataOptions):
 
 
 TARGET = "target.safetensors"
+# The target is part of the store every shard and resumed run shares, so it must not depend on
+# --batch-size (which may change between runs): it is computed in batches of this many samples.
+TARGET_BATCH = 8
 
 
 def run(config: ScoreConfig) -> dict[str, Any]:
@@ -103,6 +118,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         run_identity,
     )
     from batctl.data import open_pool
+    from batctl.remote import is_url, local_specs
+    from batctl.remote_score import run_remote
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
     from batctl.shards import describe_pool, normalise_params, open_score_partial
@@ -122,6 +139,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     if config.target is not None:
         inputs["target"] = describe_data(config.target, fp)
     identity = run_identity("score", normalise_params(config.params()), inputs)
+    if is_url(config.out):
+        return run_remote(config, str(config.out), identity, shard, shards)
     out = Path(config.out).absolute()
     with output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
         check_existing(out, identity, config.force)
@@ -135,7 +154,10 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             work = open_score_partial(out, identity, config.force, shards)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
             pool = open_pool(
-                config.pool, strict=config.strict, paragraphs=config.paragraphs, decode=False
+                local_specs(config.pool),
+                strict=config.strict,
+                paragraphs=config.paragraphs,
+                decode=False,
             )
             n_rows = None if ScoreStore.exists(work) else count_rows(pool, config)
             task = load_task_with_surrogate(config, surrogate)
@@ -212,7 +234,7 @@ def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict
         target_samples,
         preconditioner=config.preconditioner,
         damping=config.damping,
-        batch_size=min(config.batch_size, 8),
+        batch_size=TARGET_BATCH,
     )
     metadata = {
         "preconditioner": target.preconditioner,
@@ -228,9 +250,7 @@ def ensure_target(work: Path, task: Any, config: ScoreConfig) -> tuple[Any, dict
         # must take exactly the same step or the store would not be one consistent run.
         from batctl.influence.engines import make_engine
 
-        calibration = task.collate(
-            adaptation[: min(config.batch_size, len(adaptation))], "adaptation"
-        )
+        calibration = task.collate(adaptation[: min(TARGET_BATCH, len(adaptation))], "adaptation")
         metadata["fd_eps"] = repr(make_engine("fd", task, target, calibration=calibration).eps)
     staging = path.with_name(path.name + ".tmp")
     save_target(staging, target, metadata)
@@ -345,6 +365,7 @@ def score_shard(
 
     import numpy as np
 
+    from batctl.batching import MemoryGuard
     from batctl.console import progress_bar
     from batctl.scorestore import ScoreStore, chunk_owner
 
@@ -377,6 +398,7 @@ def score_shard(
     last_part = int(parts[store.chunk_rows(todo[-1]).stop - 1])
     row = int(np.searchsorted(parts, first_part, side="left"))
     pending = set(todo)
+    guard = MemoryGuard()  # an out-of-memory batch is halved, and so is every later one
     buffer: list[Any] = []
     scored_rows = 0
     began = time.perf_counter()
@@ -389,7 +411,7 @@ def score_shard(
             if chunk in pending:
                 buffer.append(item)
                 if row == store.chunk_rows(chunk).stop - 1:
-                    score_chunk(store, chunk, buffer, pool, task, engine, config)
+                    score_chunk(store, chunk, buffer, pool, task, engine, config, guard)
                     scored_rows += len(buffer)
                     advance(len(buffer))
                     summary["chunks_scored"] += 1
@@ -411,11 +433,19 @@ def score_shard(
 
 
 def score_chunk(
-    store: Any, chunk: int, rows: list[Any], pool: Any, task: Any, engine: Any, config: ScoreConfig
+    store: Any,
+    chunk: int,
+    rows: list[Any],
+    pool: Any,
+    task: Any,
+    engine: Any,
+    config: ScoreConfig,
+    guard: Any = None,
 ) -> None:
     """Decode, batch and score one chunk's rows, then write the chunk (done flag last)."""
     import numpy as np
 
+    from batctl.batching import TOO_BIG, MemoryGuard, plan_batches
     from batctl.data import BadSample
     from batctl.scorestore import NON_FINITE, SCORED, UNREADABLE
 
@@ -437,15 +467,24 @@ def score_chunk(
     # Samples of a similar size share a batch, so LM batches pad to less. No engine mixes rows,
     # so a score does not depend on its batch (up to float rounding), and the order is fixed
     # by the chunk's contents: a resumed run or another shard batches exactly the same way.
-    good.sort(key=lambda item: task.size_hint(item[1]))
-    for start in range(0, len(good), config.batch_size):
-        batch = good[start : start + config.batch_size]
+    sized = sorted(((task.size_hint(s), i, s) for i, s in good), key=lambda item: item[0])
+    sizes, good = [size for size, _, _ in sized], [(i, s) for _, i, s in sized]
+    guard = guard or MemoryGuard()
+
+    def results_of(batch: list[Any]) -> list[Any]:
+        found: list[Any] = [None] * len(batch)
+        samples = [s for _, s in batch]
         for index, result in score_batch(
-            [s for _, s in batch], task, engine, layer_scores is not None, config.strict
+            samples, task, engine, layer_scores is not None, config.strict
         ):
-            i = batch[index][0]
-            if result is None:
-                continue  # a sample the task cannot take: stays unreadable
+            found[index] = result
+        return found
+
+    for members in plan_batches(sizes, config.batch_size, config.max_batch_tokens):
+        batch = [good[j] for j in members]
+        for (i, _), result in zip(batch, guard.run(batch, results_of), strict=True):
+            if result is None or result is TOO_BIG:
+                continue  # a sample the task cannot take, or too big to fit: stays unreadable
             value, per_layer = result
             scores[i] = value
             status[i] = SCORED if np.isfinite(value) else NON_FINITE
