@@ -3,7 +3,7 @@
 - Every shard owns a contiguous range of chunks (`scorestore.chunk_owner`), so the number of
   shards decides who writes which zarr chunk. Two processes started with different counts
   (`--shard 0/2` and `--shard 1/4`) would write the same chunks at once, so the count is part of
-  the unfinished store's identity (`partial.json`, then the manifest) and a mismatch is refused.
+  the unfinished store's identity (its `partial.json`) and a mismatch is refused.
 - Pool parts are identified by their normalised path and a content fingerprint (size and the
   first and last MiB, or the whole file with --strict-fingerprints), never their mtime: each
   node's own download or copy of a LAION shard is the same input.
