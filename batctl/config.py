@@ -437,6 +437,16 @@ class OutputOptions(StageConfig):
     strict_fingerprints: bool = False
     """Fingerprint input files by their whole content instead of size, mtime and first/last MiB."""
 
+    REMOTE_OUT: ClassVar[bool] = False
+    """Whether --out may be an s3:// (gs://, az://) URL; only score stores can live there."""
+
+    def problems(self) -> list[str]:
+        from batctl.remote import url_problem
+
+        out = super().problems()
+        problem = url_problem(self.out, "--out", self.REMOTE_OUT) if self.out else None
+        return out + ([problem] if problem else [])
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions(OutputOptions):

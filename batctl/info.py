@@ -83,7 +83,9 @@ def describe_path(path: Path) -> dict[str, Any]:
         from batctl.scorestore import ScoreStore
 
         if ScoreStore.exists(description["work"]):
-            description["progress"] = ScoreStore.open(description["work"]).progress()
+            store = ScoreStore.open(description["work"])
+            description["progress"] = store.progress()
+            description["shard_progress"] = store.shard_progress(int(description.get("shards", 1)))
         return description
     if description["state"] == "absent":
         if not _is_pattern(str(path)):
@@ -103,6 +105,22 @@ def describe_path(path: Path) -> dict[str, Any]:
             "(.tar, .json, .jsonl, .txt, an image folder or a datasets directory)"
         )
     return description
+
+
+def shard_line(row: dict[str, Any]) -> tuple[str, str]:
+    """One shard's progress for people: chunks, rate, ETA and how long it has been quiet."""
+    text = f"{row['done']}/{row['total']} chunks"
+    if row["rows_per_s"] is not None:
+        text += f", {row['rows_per_s']:.1f} rows/s"
+    if row["eta_s"] is not None:
+        text += (
+            ", done"
+            if row["eta_s"] == 0
+            else f", ETA {row['eta_s'] // 60}m{row['eta_s'] % 60:02d}s"
+        )
+    if row["last_chunk_age_s"] is not None and row["eta_s"] != 0:
+        text += f", last chunk {row['last_chunk_age_s']}s ago"
+    return row["shard"], text
 
 
 def render(description: dict[str, Any]) -> None:
@@ -136,6 +154,8 @@ def render(description: dict[str, Any]) -> None:
     print_table("data" if description.get("kind") == "data" else "artifact", head)
     if description.get("kind") == "data" and description.get("parts", 0) > 1:
         print_table("parts", [(p, f"{n} samples") for p, n in description["part_samples"].items()])
+    if description.get("shard_progress"):
+        print_table("shards", [shard_line(row) for row in description["shard_progress"]])
     if description.get("params"):
         print_table("params", sorted(description["params"].items()))
     if description.get("inputs"):

@@ -11,6 +11,7 @@ Arrays (all chunked by `chunk_size` rows, the unit of resumption):
 | `status` | u8[N] | 0 pending, 1 scored, 2 unreadable input, 3 non-finite loss or gradient |
 | `layer_score` | f32[N, L] | optional per-layer contributions (`--layer-scores`) |
 | `done` | bool[C] | one flag per chunk, each in its own zarr chunk so shards never race on it |
+| `done_at` | f64[C] | when each chunk was finished (Unix seconds; NaN pending): rate and ETA |
 
 A chunk's rows are written first and its `done` flag last, so a killed run never leaves a flag
 that claims rows it did not write. Chunks are owned by exactly one shard (see `chunk_owner`), so
@@ -56,6 +57,13 @@ def chunk_owner(n_chunks: int, shard_count: int) -> np.ndarray:
     return (np.arange(n_chunks, dtype=np.int64) * shard_count) // max(1, n_chunks)
 
 
+def store_path(root: str | Path) -> str:
+    """Where scores.zarr lives in score directory `root` (a local path or a URL)."""
+    from batctl.remote import join
+
+    return join(root, STORE)
+
+
 class ScoreStore:
     """A `scores.zarr` group opened for reading or writing."""
 
@@ -85,7 +93,7 @@ class ScoreStore:
         """
         import zarr
 
-        group = zarr.open_group(str(Path(root) / STORE), mode="w")
+        group = zarr.open_group(store_path(root), mode="w")
         chunks = (chunk_size,)
         shape = (n_rows,)
         group.create_array("score", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
@@ -95,6 +103,9 @@ class ScoreStore:
         group.create_array("status", shape=shape, chunks=chunks, dtype="uint8", fill_value=PENDING)
         n_chunks = -(-n_rows // chunk_size)
         group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
+        group.create_array(
+            "done_at", shape=(n_chunks,), chunks=(1,), dtype="float64", fill_value=np.nan
+        )
         if layer_names:
             group.create_array(
                 "layer_score",
@@ -138,14 +149,19 @@ class ScoreStore:
 
     @classmethod
     def open(cls, root: str | Path, mode: str = "r") -> ScoreStore:
-        """Open the store inside score directory (or partial work directory) `root`."""
+        """Open the store inside score directory (or partial work directory) `root`, a local
+        path or a URL (s3://...)."""
         import zarr
 
-        return cls(zarr.open_group(str(Path(root) / STORE), mode=mode))
+        return cls(zarr.open_group(store_path(root), mode=mode))
 
     @staticmethod
     def exists(root: str | Path) -> bool:
-        """True when `root` holds a store (complete or not)."""
+        """True when `root` (a path or URL) holds a store (complete or not)."""
+        from batctl import remote
+
+        if remote.is_url(str(root)):
+            return remote.exists(remote.join(store_path(root), "zarr.json"))
         return (Path(root) / STORE / "zarr.json").is_file()
 
     # ------------------------------------------------------------------ geometry
@@ -175,6 +191,10 @@ class ScoreStore:
         self.group["status"][rows.start : rows.stop] = status.astype(np.uint8)
         if layer_scores is not None and "layer_score" in self.group:
             self.group["layer_score"][rows.start : rows.stop] = layer_scores.astype(np.float32)
+        if "done_at" in self.group:
+            import time
+
+            self.group["done_at"][chunk] = time.time()
         self.group["done"][chunk] = True
 
     # ------------------------------------------------------------------ reading
@@ -204,3 +224,39 @@ class ScoreStore:
             "rows": self.n_rows,
             "status": {STATUS_NAMES[i]: int(counts[i]) for i in range(4)},
         }
+
+    def shard_progress(self, shards: int, now: float | None = None) -> list[dict[str, Any]]:
+        """Per shard of `shards`: chunks done of its own, rows/s and ETA in seconds.
+
+        The rate is measured between the shard's first and last finished chunk (so it needs two),
+        over the rows of the chunks finished after the first; None when it cannot be measured.
+        """
+        import time
+
+        now = time.time() if now is None else now
+        done = self.done()
+        stamps = self.group["done_at"][:] if "done_at" in self.group else np.full(len(done), np.nan)
+        sizes = np.array([len(self.chunk_rows(c)) for c in range(self.n_chunks)])
+        owners = chunk_owner(self.n_chunks, shards)
+        out = []
+        for shard in range(shards):
+            mine = owners == shard
+            finished = mine & done
+            times = stamps[finished & np.isfinite(stamps)]
+            rate = None
+            if len(times) >= 2 and times.max() > times.min():
+                order = np.argsort(stamps[finished])
+                rows_after_first = sizes[finished][order][1:].sum()
+                rate = float(rows_after_first / (times.max() - times.min()))
+            left = int(sizes[mine & ~done].sum())
+            out.append(
+                {
+                    "shard": f"{shard}/{shards}",
+                    "done": int(finished.sum()),
+                    "total": int(mine.sum()),
+                    "rows_per_s": None if rate is None else round(rate, 2),
+                    "eta_s": 0 if not left else (None if rate is None else round(left / rate)),
+                    "last_chunk_age_s": None if not len(times) else round(now - times.max()),
+                }
+            )
+        return out

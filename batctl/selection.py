@@ -163,6 +163,13 @@ def open_scores(path: str | Path | None, allow_partial: bool = False) -> ScoreSo
 
     if path is None:
         raise BatctlError("--scores is required")
+    from batctl.remote import is_url, mirror_store, url_problem
+
+    if is_url(str(path)):
+        problem = url_problem(path, "--scores", True)
+        if problem:
+            raise BatctlError(problem)
+        path = mirror_store(str(path))  # read through a local copy, refreshed when it changes
     path = Path(path)
     manifest = artifacts.read_manifest(path) if path.is_dir() else None
     if manifest is not None:

@@ -3,7 +3,7 @@
 - Every shard owns a contiguous range of chunks (`scorestore.chunk_owner`), so the number of
   shards decides who writes which zarr chunk. Two processes started with different counts
   (`--shard 0/2` and `--shard 1/4`) would write the same chunks at once, so the count is part of
-  the unfinished store's identity (`partial.json`, then the manifest) and a mismatch is refused.
+  the unfinished store's identity (its `partial.json`) and a mismatch is refused.
 - Pool parts are identified by their normalised path and a content fingerprint (size and the
   first and last MiB, or the whole file with --strict-fingerprints), never their mtime: each
   node's own download or copy of a LAION shard is the same input.
@@ -23,22 +23,26 @@ from batctl.errors import BatctlError
 
 
 def describe_pool(specs: str | Sequence[str], strict: bool = False) -> list[dict[str, Any]]:
-    """Manifest entries for the pool's parts: normalised path, kind and content fingerprint."""
+    """Manifest entries for the pool's parts, in pool order: the normalised path (or the URL of a
+    remote part), kind and a content fingerprint (no mtime)."""
     from batctl.artifacts import describe_input, fingerprint_file
     from batctl.data.specs import expand_specs
+    from batctl.remote import is_url, localize
 
     described = []
-    for path in expand_specs(specs):
-        if Path(path).is_file():
+    for named, local in localize(specs):
+        paths = [Path(local)] if is_url(named) else expand_specs(named)
+        for path in paths:
+            if not path.is_file():
+                described.append(describe_input(path, strict))  # a folder: file by file
+                continue
             described.append(
                 {
-                    "path": str(Path(path).resolve()),
+                    "path": named if is_url(named) else str(path.resolve()),
                     "kind": "file",
-                    "fingerprint": fingerprint_file(Path(path), strict, content_only=True),
+                    "fingerprint": fingerprint_file(path, strict, content_only=True),
                 }
             )
-        else:
-            described.append(describe_input(path, strict))  # a folder: fingerprinted file by file
     return described
 
 

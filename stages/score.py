@@ -30,6 +30,10 @@ class ScoreConfig(DataOptions):
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "pool", "out")
     UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size")
+    REMOTE_OUT: ClassVar[bool] = True
+
+    out: str | None = None
+    """Output directory, or an s3:// (gs://, az://) URL that every shard writes into; manifest.json inside marks it complete."""
 
     method: Literal["fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"] = "fusion"
     """What ranks the pool: fusion (the sum of the z-scores of influence, bm25 and tfidf: the best on benchmarks/bat_quality.py's dev world); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
@@ -64,6 +68,9 @@ class ScoreConfig(DataOptions):
     batch_size: int = operational(32)
     """Pool samples per batch (at most; an out-of-memory batch is halved). Scores are per sample, so a run may resume with another batch size."""
 
+    max_batch_tokens: int | None = operational(None)
+    """Also cap each batch at this many padded tokens (samples x longest sample; LM only), e.g. 16384; the costliest batch runs first."""
+
     chunk_size: int = 4096
     """Rows per zarr chunk: the unit of resumption."""
 
@@ -97,6 +104,8 @@ class ScoreConfig(DataOptions):
         for name in ("batch_size", "chunk_size", "loss_draws", "candidates"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            out.append(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         try:
             parse_shard(self.shard)
         except ValueError as exc:
@@ -107,7 +116,10 @@ class ScoreConfig(DataOptions):
             out.append("--layer-scores needs --engine hooks (fd only measures the total)")
         if self.normalize and self.engine == "fd":
             out.append("--normalize needs --engine hooks (fd never sees a per-sample gradient)")
-        return out
+        from batctl.remote import url_problem
+
+        found = [url_problem(s, "--pool", True) for s in self.pool]
+        return out + [p for p in found if p]
 
     def params(self) -> dict[str, Any]:
         """The run's identity: only the flags the method reads (a bm25 store does not depend on
@@ -160,6 +172,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     )
     from batctl.data import open_pool
     from batctl.methods import make_method
+    from batctl.remote import is_url, local_specs
+    from batctl.remote_score import run_remote
     from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data
     from batctl.scorestore import ScoreStore
@@ -181,6 +195,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     if config.target is not None:
         inputs["target"] = describe_data(config.target, fp)
     identity = run_identity("score", normalise_params(config.params()), inputs)
+    if is_url(config.out):
+        return run_remote(config, str(config.out), identity, shard, shards)
     out = Path(config.out).absolute()
     check_out_path(out, inputs)
     with naming_os_errors(out), output_lock(out, f"{out.name}.shard-{shard}-of-{shards}"):
@@ -195,7 +211,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             work = open_score_partial(out, identity, config.force, shards)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
             pool = open_pool(
-                config.pool,
+                local_specs(config.pool),
                 strict=config.strict,
                 paragraphs=config.paragraphs,
                 max_sample_bytes=config.max_sample_bytes(),

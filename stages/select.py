@@ -51,8 +51,8 @@ class SelectConfig(OutputOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("scores", "out")
     UNSHARED: ClassVar[tuple[str, ...]] = ("out", "force", "batch_size", "seed")
 
-    scores: Path | None = None
-    """Score directory (the output of `batctl score`)."""
+    scores: str | None = None
+    """Score directory (the output of `batctl score`), or its s3:// (gs://, az://) URL."""
 
     gamma: tuple[str, ...] = ()
     """γ = n / (n + m), D_A's share of the augmented set (n adaptation samples, m pool samples added; 0.75 with n = 30 adds m = 10): comma-separated or repeated, or auto (needs --model, --surrogate, --data)."""
@@ -157,6 +157,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     """
     from batctl import selection as sel
     from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.remote import local_specs
     from batctl.samples import describe_data
 
     # setup: every input checked before anything is read or loaded
@@ -175,7 +176,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     if not source.complete and isinstance(source.inputs.get("model"), dict):
         # An unfinished store has no manifest for `train` to follow upstream: record the model here.
         inputs["model"] = source.inputs["model"]
-    pool_paths = source.pool_paths() if config.strategy != "none" else []
+    pool_paths = local_specs(source.pool_paths()) if config.strategy != "none" else []
     if pool_paths:
         inputs["pool"] = describe_data(pool_paths, fp)
     surrogate = None

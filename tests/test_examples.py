@@ -86,3 +86,19 @@ def test_tiny_dreambooth_makefile_runs_the_pipeline_and_is_up_to_date_the_second
     second = make("tiny-dreambooth", runs)
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stderr.count("up to date") == 9
+
+
+@pytest.mark.slow
+def test_multi_gpu_makefile_runs_on_two_cpu_processes(tmp_path):
+    runs = tmp_path / "runs"
+    first = make("multi-gpu", runs)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    for name in ("model", "surrogate", "scores", "select", "train"):
+        assert (runs / name / "manifest.json").is_file(), name
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == [
+        "model",
+        "scores",
+        "select",
+        "surrogate",
+        "train",
+    ]

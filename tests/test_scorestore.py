@@ -56,3 +56,34 @@ def test_every_chunk_has_one_owner_in_contiguous_ranges_balanced_within_one(n_ch
     assert (np.diff(owners) >= 0).all()  # contiguous chunk ranges per shard
     counts = np.bincount(owners, minlength=shards)
     assert counts.max() - counts.min() <= 1  # whatever the number of pool files
+
+
+def test_progress_per_shard_with_rate_and_eta(tmp_path, cli):
+    """10 chunks of 4 rows over 2 shards: shard 0 finished 3 of its 5 chunks, 10 s apart."""
+    import json
+
+    from batctl.artifacts import open_partial
+
+    work, _ = open_partial(
+        tmp_path / "scores", {"stage": "score", "params": {}, "inputs": {}}, False
+    )
+    partial = json.loads((work / "partial.json").read_text())
+    (work / "partial.json").write_text(json.dumps({**partial, "shards": 2}))
+    store = ScoreStore.create(work, layout(40), 40, chunk_size=4)
+    for chunk, stamp in ((0, 100.0), (1, 110.0), (2, 120.0)):
+        store.write_chunk(chunk, np.zeros(4), np.full(4, SCORED))
+        store.group["done_at"][chunk] = stamp
+    rows = store.shard_progress(2, now=125.0)
+    assert rows[0] == {
+        "shard": "0/2",
+        "done": 3,
+        "total": 5,
+        "rows_per_s": 0.4,  # 8 rows in the 20 s between the first and the last finished chunk
+        "eta_s": 20,  # 8 rows left
+        "last_chunk_age_s": 5,
+    }
+    assert rows[1]["done"] == 0 and rows[1]["rows_per_s"] is None and rows[1]["eta_s"] is None
+    shown = cli("info", tmp_path / "scores")
+    assert shown.exit_code == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "0/2 │ 3/5 chunks, 0.4 rows/s, ETA 0m20s" in text and "1/2 │ 0/5 chunks" in text

@@ -20,6 +20,9 @@ from batctl.methods.base import Method, Result, Scorer
 log = logging.getLogger("batctl.score")
 
 TARGET = "target.safetensors"
+TARGET_BATCH = 8
+"""The target is part of the store every shard and resumed run shares, so it must not depend on
+--batch-size (which may change between runs): it is computed in batches of this many samples."""
 
 
 def load_task_with_surrogate(config: Any, surrogate: Path) -> Any:
@@ -66,7 +69,7 @@ def ensure_target(work: Path, task: Any, config: Any) -> tuple[Any, dict[str, st
         target_samples,
         preconditioner=config.preconditioner,
         damping=config.damping,
-        batch_size=min(config.batch_size, 8),
+        batch_size=TARGET_BATCH,
     )
     metadata = {
         "preconditioner": target.preconditioner,
@@ -82,9 +85,7 @@ def ensure_target(work: Path, task: Any, config: Any) -> tuple[Any, dict[str, st
         # must take exactly the same step or the store would not be one consistent run.
         from batctl.influence.engines import make_engine
 
-        calibration = task.collate(
-            adaptation[: min(config.batch_size, len(adaptation))], "adaptation"
-        )
+        calibration = task.collate(adaptation[: min(TARGET_BATCH, len(adaptation))], "adaptation")
         metadata["fd_eps"] = repr(make_engine("fd", task, target, calibration=calibration).eps)
     staging = path.with_name(path.name + ".tmp")
     save_target(staging, target, metadata)
@@ -137,26 +138,38 @@ def score_batch(
         yield i, (value, None if layers is None else layers[i])
 
 
-def batches_by_size(task: Any, samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
-    """Indices of `samples` cut into batches of similar size (LM: tokens), so batches pad less.
+def batches_by_size(
+    task: Any, samples: Sequence[Sample], batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices of `samples` cut into batches of similar size (LM: tokens), so batches pad less:
+    at most `batch_size` samples and, with `max_tokens`, that many padded tokens; the costliest
+    batch first (`batctl.batching.plan_batches`).
 
     No engine mixes rows, so a score does not depend on its batch (up to float rounding), and
     the order is fixed by the samples themselves: a resumed run or another shard batches the
     same chunk exactly the same way.
     """
+    from batctl.batching import plan_batches
+
     order = sorted(range(len(samples)), key=lambda i: task.size_hint(samples[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    sizes = [task.size_hint(samples[i]) for i in order]
+    return [[order[j] for j in batch] for batch in plan_batches(sizes, batch_size, max_tokens)]
 
 
 class InfluenceScorer(Scorer):
     def __init__(self, task: Any, engine: Any, target: Any, config: Any, layers: bool) -> None:
+        from batctl.batching import MemoryGuard
+
         self.task, self.engine, self.config, self.target = task, engine, config, target
         self.n_adaptation = int(target.n_adaptation)
         self.layer_names = list(target.layers) if layers else None
+        self.guard = MemoryGuard()  # an out-of-memory batch is halved, and so is every later one
 
     def score(self, samples: Sequence[Sample], rows: Sequence[int]) -> list[Result]:
-        results: list[Result] = [None] * len(samples)
-        for batch in batches_by_size(self.task, samples, self.config.batch_size):
+        from batctl.batching import TOO_BIG
+
+        def results_of(batch: list[int]) -> list[Result]:
+            found: list[Result] = [None] * len(batch)
             for index, result in score_batch(
                 [samples[i] for i in batch],
                 self.task,
@@ -164,7 +177,17 @@ class InfluenceScorer(Scorer):
                 self.layer_names is not None,
                 self.config.strict,
             ):
-                results[batch[index]] = result
+                found[index] = result
+            return found
+
+        results: list[Result] = [None] * len(samples)
+        plan = batches_by_size(
+            self.task, samples, self.config.batch_size, self.config.max_batch_tokens
+        )
+        for batch in plan:
+            for i, result in zip(batch, self.guard.run(batch, results_of), strict=True):
+                # a sample the task cannot take, or too big to fit alone: stays unreadable
+                results[i] = None if result is TOO_BIG else result
         return results
 
 
