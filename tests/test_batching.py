@@ -87,9 +87,9 @@ def test_score_heals_injected_out_of_memory_errors_with_identical_scores(
     reference = tmp_path / "reference"
     assert cli(*score_args(setup, reference, "--batch-size", "2")).exit_code == 0
 
-    import batctl.stages.score as score_stage
+    import batctl.methods.influence as influence
 
-    real = score_stage.score_batch
+    real = influence.score_batch
     sizes = []
 
     def small_memory(samples, *args):
@@ -98,7 +98,7 @@ def test_score_heals_injected_out_of_memory_errors_with_identical_scores(
             raise oom()
         yield from real(samples, *args)
 
-    monkeypatch.setattr(score_stage, "score_batch", small_memory)
+    monkeypatch.setattr(influence, "score_batch", small_memory)
     out = tmp_path / "healed"
     result = cli(*score_args(setup, out, "--batch-size", "8", "--max-batch-tokens", "100000"))
     assert result.exit_code == 0, result.stderr
