@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-diffusion test test-all lint bench bench-quality clean
+.PHONY: install demo demo-diffusion test test-all lint bench bench-quality bench-reselect clean
 
 install:
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
@@ -38,6 +38,9 @@ bench: install
 
 bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py
+
+bench-reselect: install
+	$(PYTHON) benchmarks/reselect_curves.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
