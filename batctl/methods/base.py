@@ -60,6 +60,23 @@ class Method(abc.ABC):
         run scores with exactly the same state) and return the scorer."""
 
 
+def target_samples(config: Any) -> list[Sample]:
+    """The samples a method compares the pool with: --target when given (it defines the
+    target), else the adaptation set (--data)."""
+    from batctl.samples import load_samples
+
+    spec, flag = (
+        (config.target, "--target") if config.target is not None else (config.data, "--data")
+    )
+    return load_samples(
+        spec,
+        flag=flag,
+        strict=config.strict,
+        paragraphs=config.paragraphs,
+        max_sample_bytes=config.max_sample_bytes(),
+    )
+
+
 def text_of(sample: Sample, instance_prompt: str | None = None) -> str:
     """The words of a sample, for the text methods: an LM record's text (Alpaca: instruction,
     input and output), an image's caption, else the instance prompt (DreamBooth's D_A images

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from batctl.data import Sample
-from batctl.methods.base import Method, Result, Scorer
+from batctl.methods.base import Method, Result, Scorer, target_samples
 from batctl.methods.influence import batches_by_size
 from batctl.methods.lexical import STATE, load_state, save_state
 
@@ -67,25 +67,13 @@ class Embed(Method):
     name = "embed"
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
-        from batctl.samples import load_samples
         from batctl.tasks import load_task
 
         task = load_task(config.task_settings(), config.task)
         task.model.eval()
         path = work / STATE
         if not path.is_file():
-            spec, flag = (
-                (config.target, "--target")
-                if config.target is not None
-                else (config.data, "--data")
-            )
-            adaptation = load_samples(
-                spec,
-                flag=flag,
-                strict=config.strict,
-                paragraphs=config.paragraphs,
-                max_sample_bytes=config.max_sample_bytes(),
-            )
+            adaptation = target_samples(config)
             vectors = unit_rows(embed_samples(task, adaptation, "adaptation", config.batch_size))
             centroid = vectors.mean(axis=0)
             norm = np.linalg.norm(centroid)

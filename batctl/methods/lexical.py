@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from batctl.data import Sample
-from batctl.methods.base import Method, Result, Scorer, text_of
+from batctl.methods.base import Method, Result, Scorer, target_samples, text_of
 
 log = logging.getLogger("batctl.score")
 
@@ -55,18 +55,7 @@ def pool_texts(pool: Any) -> Iterator[str]:
 
 def adaptation_texts(config: Any) -> list[str]:
     """The adaptation set's texts (--data; --target when given, since it defines the target)."""
-    from batctl.samples import load_samples
-
-    spec, flag = (
-        (config.target, "--target") if config.target is not None else (config.data, "--data")
-    )
-    samples = load_samples(
-        spec,
-        flag=flag,
-        strict=config.strict,
-        paragraphs=config.paragraphs,
-        max_sample_bytes=config.max_sample_bytes(),
-    )
+    samples = target_samples(config)
     return [text_of(s, getattr(config, "instance_prompt", None)) for s in samples]
 
 
