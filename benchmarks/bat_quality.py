@@ -16,7 +16,9 @@ outputs are reused as they are).
     python benchmarks/bat_quality.py [--domains logging email ...] [--seeds 0 1 2]
         [--gammas 0.5 0.75] [--methods influence bm25 ...] [--out runs/bat-quality]
 
-Writes per domain a markdown table, `bat_quality.json` (every number), and `bat_quality.md`.
+`--methods ... fusion-dynamic` adds the paper's ALBAT loop (`train --reselect-every 6` from the
+fusion selection, candidates the fusion store's top 128) as its own strategy beside the static
+default. Writes per domain a markdown table, `bat_quality.json` (every number), and `bat_quality.md`.
 Choose recipes on the --dev domains only (their held-out sets are not reported as results).
 """
 
@@ -58,6 +60,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fusion-lex": {"method": "fusion", "fuse": ("bm25", "tfidf")},
 }
 """Benchmark names for score flags other than a bare --method (ablations)."""
+
+DYNAMIC: dict[str, tuple[str, dict[str, Any]]] = {
+    "fusion-dynamic": ("fusion", {"reselect_every": 6, "candidate_count": 128}),
+}
+"""The paper's ALBAT loop (`train --reselect-every`) as strategies: name -> (the static method
+whose selection it starts from and whose store gives the candidates, train flags)."""
 
 
 def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
@@ -132,9 +140,9 @@ def run_world(
     )
     cpu: dict[str, float] = {}
     stores: dict[str, Path] = {}
-    for method in methods:
-        if method in ("random", "perfect", "none"):
-            continue
+    scored = [m for m in methods if m not in ("random", "perfect", "none", *DYNAMIC)]
+    scored += [DYNAMIC[m][0] for m in methods if m in DYNAMIC and DYNAMIC[m][0] not in scored]
+    for method in scored:
         stores[method], cpu[method] = score_method(world, out, method, surrogate)
         log(f"{domain}: scored {method} ({cpu[method]:.1f} CPU s)")
     if score_only:
@@ -157,6 +165,10 @@ def run_world(
         for seed in seeds:
             for g in gammas:
                 selections[(method, g, seed)] = out / f"select-{method}" / value_name("gamma", g)
+    for name in (m for m in methods if m in DYNAMIC):
+        for seed in seeds:
+            for g in gammas:
+                selections[(name, g, seed)] = selections[(DYNAMIC[name][0], g, seed)]
     any_store = next(iter(stores.values()))
     for seed in seeds:
         for name, store in (("random", any_store), ("perfect", perfect_scores)):
@@ -177,7 +189,11 @@ def run_world(
     order = sorted(selections.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1]))
     for (method, g, seed), selection in order:
         path = out / "train" / f"{method}-g{g}-s{seed}"
-        stage("train", out=path, seed=seed, selection=selection, **training)
+        dynamic: dict[str, Any] = {}
+        if method in DYNAMIC:
+            base, flags = DYNAMIC[method]
+            dynamic = {**flags, "scores": stores[base]}
+        stage("train", out=path, seed=seed, selection=selection, **training, **dynamic)
         adapters.setdefault((method, seed), []).append(path)
         log(f"{domain}: trained {path.name}")
     for (method, seed), paths in adapters.items():

@@ -56,6 +56,9 @@ class DemoConfig(OutputOptions):
     seed: int = 0
     """Seed of the surrogate, every adapter and the random selection (the data stay fixed)."""
 
+    reselect_every: int = 0
+    """Also train the first --method's selection with the paper's ALBAT loop (train --reselect-every N, candidates its store's top 128), as METHOD-dynamic rows; 0: off."""
+
     def problems(self) -> list[str]:
         out = super().problems()
         gammas, auto, gamma_problems = parse_gammas(self.gamma)
@@ -73,6 +76,8 @@ class DemoConfig(OutputOptions):
                 out.append(f"--method {name}: must be one of {', '.join(METHODS)}")
         if not self.method:
             out.append("--method: give at least one")
+        if self.reselect_every < 0:
+            out.append(f"--reselect-every must be >= 0, got {self.reselect_every}")
         return out
 
 
@@ -126,16 +131,30 @@ def run(config: DemoConfig) -> dict[str, Any]:
     )
 
     # train: plain, random, each method's, and the oracle θ*
-    adapters = {"none": None}
+    adapters: dict[str, Any] = {"none": None}
+    strategies = list(config.method)
+    dynamic = {}
+    if config.reselect_every:
+        # The ALBAT loop starts from the first method's selection and re-selects from its store.
+        first = config.method[0]
+        strategies.append(f"{first}-dynamic")
+        dynamic[f"{first}-dynamic"] = {
+            "reselect_every": config.reselect_every,
+            "scores": scores[first],
+            "candidate_count": 128,
+        }
     for g in gammas:
         value = value_name("gamma", g)
         adapters[f"random-g{g}"] = out / "select-random" / value
-        for name in config.method:
-            adapters[f"{name}-g{g}"] = out / f"select-{name}" / value
+        for name in strategies:
+            adapters[f"{name}-g{g}"] = out / f"select-{name.removesuffix('-dynamic')}" / value
     trained = []
     for label, selection in adapters.items():
         path = out / "train" / label
-        run_stage("train", out=path, selection=selection, save_every=save_every, **training)
+        extra = dynamic.get(label.rsplit("-g", 1)[0], {}) if selection is not None else {}
+        run_stage(
+            "train", out=path, selection=selection, save_every=save_every, **training, **extra
+        )
         trained.append(path)
     oracle = out / "oracle"
     oracle_flags = {**training, **world.oracle_flags, "data": str(world.oracle)}
@@ -152,7 +171,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     )
 
     # report
-    results = collect(world, out, gammas, config.method, config.seed)
+    results = collect(world, out, gammas, strategies, config.seed)
     table = write_report(results, out / "report")
     return {"report": str(out / "report"), "table": table}
 

@@ -116,8 +116,11 @@ def quick_recipe(monkeypatch):
 def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, quick_recipe):
     monkeypatch.setenv("BATCTL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    result = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")
+    result = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--reselect-every", "2", "--json")
     assert result.exit_code == 0, result.stderr
+    # the paper's ALBAT loop, from fusion's selection and store, is a row of its own
+    assert "| fusion-dynamic-g0.5 |" in json.loads(result.stdout)["table"]
+    assert (out / "train" / "fusion-dynamic-g0.5" / "reselect.jsonl").is_file()
     payload = json.loads(result.stdout)
     assert (
         "| fusion-g0.5 |" in payload["table"]
@@ -168,7 +171,7 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
     score_params = json.loads((out / "scores-fusion" / "manifest.json").read_text())["params"]
     assert score_params["normalize"] is True
 
-    again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--json")  # warm: all up to date
+    again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--reselect-every", "2", "--json")
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["table"] == payload["table"]
     assert "building the lm demo world" not in again.stderr

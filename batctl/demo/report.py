@@ -22,8 +22,9 @@ def adapter_label(strategy: str, gamma: float | None = None) -> str:
 
 
 def selection_dir(out: Path, strategy: str, gamma: float) -> Path:
-    """Where the demo's select stage wrote the selection an adapter was trained with."""
-    return out / f"select-{strategy}" / value_name("gamma", gamma)
+    """Where the demo's select stage wrote the selection an adapter was trained with (a
+    METHOD-dynamic adapter starts from METHOD's)."""
+    return out / f"select-{strategy.removesuffix('-dynamic')}" / value_name("gamma", gamma)
 
 
 def target_share(selection: Path, world: World) -> tuple[int, float | None]:
@@ -77,7 +78,7 @@ def collect(
         "backbone_heldout_loss": metrics.get("backbone", {}).get("heldout_loss"),
         "oracle_heldout_loss": metrics.get("oracle", {}).get("heldout_loss"),
         "rows": rows,
-        "scores": {m: str(out / f"scores-{m}") for m in methods},
+        "scores": {m: str(out / f"scores-{m}") for m in methods if not m.endswith("-dynamic")},
     }
 
 
