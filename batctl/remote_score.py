@@ -155,6 +155,10 @@ def publish(out: str, identity: dict[str, Any], started: str) -> bool:
     if not store.is_complete():
         return False
     fs, path = filesystem(out)
+    try:  # progress timestamps only serve an unfinished store (see ScoreStore.drop_clock)
+        fs.rm(join(path, "scores.zarr/done_at"), recursive=True)
+    except FileNotFoundError:
+        pass  # another shard published at the same moment
     outputs = {
         name[len(path) + 1 :]: int(size)
         for name, size in sorted(fs.du(path, total=False).items())

@@ -11,7 +11,7 @@ Arrays (all chunked by `chunk_size` rows, the unit of resumption):
 | `status` | u8[N] | 0 pending, 1 scored, 2 unreadable input, 3 non-finite loss or gradient |
 | `layer_score` | f32[N, L] | optional per-layer contributions (`--layer-scores`) |
 | `done` | bool[C] | one flag per chunk, each in its own zarr chunk so shards never race on it |
-| `done_at` | f64[C] | when each chunk was finished (Unix seconds; NaN pending): rate and ETA |
+| `done_at` | f64[C] | when each chunk was finished (Unix seconds; NaN pending): rate and ETA; removed when the store is published |
 
 A chunk's rows are written first and its `done` flag last, so a killed run never leaves a flag
 that claims rows it did not write. Chunks are owned by exactly one shard (see `chunk_owner`), so
@@ -154,6 +154,15 @@ class ScoreStore:
         import zarr
 
         return cls(zarr.open_group(store_path(root), mode=mode))
+
+    @staticmethod
+    def drop_clock(root: str | Path) -> None:
+        """Remove `done_at` from a finished local store: it only serves progress and ETA while
+        the store is written, and as wall-clock times it would make two identical runs differ
+        in bytes."""
+        import shutil
+
+        shutil.rmtree(Path(root) / STORE / "done_at", ignore_errors=True)
 
     @staticmethod
     def exists(root: str | Path) -> bool:

@@ -239,6 +239,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                 )
             elif ScoreStore.open(work).is_complete():
                 refuse_if_nothing_scored(work, ScoreStore.open(work).progress())
+                ScoreStore.drop_clock(work)
                 finish_output(
                     work, out, identity, started, {"summary": ScoreStore.open(work).progress()}
                 )
