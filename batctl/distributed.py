@@ -103,6 +103,7 @@ def rank_output(path: str | Path, **kwargs: Any) -> Iterator[Any]:
         verdict = _verdict_from_main(None, world)
         if verdict is not None:
             kind, message = verdict
+            leave_group()
             raise UpToDate(path) if kind == "up to date" else BatctlError(message)
         yield Output(
             Path(path).absolute(),
@@ -118,12 +119,24 @@ def rank_output(path: str | Path, **kwargs: Any) -> Iterator[Any]:
             out = stack.enter_context(open_output(path, **kwargs))
         except UpToDate:
             _verdict_from_main(("up to date", ""), world)
+            leave_group()
             raise
         except BatctlError as exc:
             _verdict_from_main(("error", f"rank 0 refused the output: {exc}"), world)
+            leave_group()
             raise
         _verdict_from_main(None, world)
         yield out
+
+
+def leave_group() -> None:
+    """Every rank waits for the others, then the process group is torn down: a rank that exits
+    (up to date, refused) while its peer still holds the group can abort the peer's exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- the loop's helpers
