@@ -1,8 +1,8 @@
 """Dynamic re-selection (the paper's ALBAT loop) against static selection, random and none.
 
 On the LM demo world (`batctl/demo/`: stdlib docstrings, a tiny LLaMA pretrained by batctl on
-the pool), for every target domain and seed, with the demo's own recipe (surrogate, score with
-woodbury, select at one γ):
+the pool), for every target domain and seed, with the demo's own recipe (score with --method,
+batctl's default unless told; a surrogate when the method reads one; select at one γ):
 
 - trains none (D_A alone), random (static), albat (static `train --selection`), albat-dynamic
   (`train --reselect-every N --scores`) and the oracle θ* on the oracle set, each saving a
@@ -75,19 +75,25 @@ def run_seed(world: Any, seed: int, out: Path, args: argparse.Namespace) -> dict
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     common = {"model": str(world.model), **world.data_flags}
     on_adaptation = {**common, "data": str(world.adaptation), "seed": seed}
-    training = {**on_adaptation, **world.train_flags, "save_every": args.every}
+    training = {**on_adaptation, **world.train_flags, **args.train_override}
+    training["save_every"] = args.every
     gamma = (str(args.gamma),)
-    run_stage("surrogate", out=out / "surrogate", **on_adaptation, **world.surrogate_flags)
+    from batctl.methods import reads_surrogate
+
+    gradient: dict[str, Any] = {}
+    if reads_surrogate(args.method):
+        run_stage("surrogate", out=out / "surrogate", **on_adaptation, **world.surrogate_flags)
+        gradient = {"surrogate": out / "surrogate", "preconditioner": "woodbury"}
+        gradient.update(world.score_flags)
     scores = out / "scores"
     run_stage(
         "score",
         out=scores,
-        surrogate=out / "surrogate",
+        method=args.method,
         data=str(world.adaptation),
         pool=tuple(str(p) for p in world.pool),
-        preconditioner="woodbury",
         **common,
-        **world.score_flags,
+        **gradient,
     )
     name = f"gamma-{float(args.gamma)!r}"
     for strategy in ("albat", "random"):
@@ -246,7 +252,19 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=128, help="the store's top M")
     parser.add_argument("--gamma", type=float, default=0.75)
     parser.add_argument("--out", type=Path, default=Path("runs/reselect-curves"))
+    parser.add_argument(
+        "--method", default="mmr", help="score --method of the static selection and candidates"
+    )
+    parser.add_argument(
+        "--train",
+        metavar="STEPS,LR,WARMUP",
+        help="train with this recipe instead of the demo's (e.g. 48,3e-3,4, the overfitting one)",
+    )
     args = parser.parse_args()
+    args.train_override = {}
+    if args.train:
+        steps, lr, warmup = args.train.split(",")
+        args.train_override = {"steps": int(steps), "lr": float(lr), "warmup_steps": int(warmup)}
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """demo: the whole pipeline on the embedded default data, with no arguments and no network.
 
 A recipe over the other stages: build (or find in the cache) the demo world, train the surrogate
-on D_A, score the pool with every --method (batctl's default and the strongest cheap baseline),
-select at every γ (each method's top, and random), train the plain, random and per-method
-adapters and the oracle θ*, evaluate them all on held-out target data, and report. Every step is
+on D_A when a --method reads one, score the pool with every --method (batctl's default and the
+strongest cheap baseline), select at every γ (each method's top, and random), train the plain,
+random and per-method adapters and the oracle θ*, evaluate them all on held-out target data,
+and report. Every step is
 an ordinary stage output under --out, so a second run finds them up to date and only redraws the
 report.
 """
@@ -22,8 +23,8 @@ from batctl.config import OutputOptions
 log = logging.getLogger("batctl.demo")
 
 PRECONDITIONERS = ("woodbury", "datainf", "identity")
-DEMO_METHODS = ("fusion", "bm25")
-"""What the demo compares by default: batctl's default method (`score --method fusion`) and the
+DEMO_METHODS = ("mmr", "bm25")
+"""What the demo compares by default: batctl's default method (`score --method mmr`) and the
 strongest cheap baseline (benchmarks/bat_quality.py measures them all)."""
 
 
@@ -51,7 +52,7 @@ class DemoConfig(OutputOptions):
     """Selection methods to compare (batctl score --method), each beside random and none."""
 
     preconditioner: str = "woodbury"
-    """Preconditioner of the gradient methods (influence, hybrid): woodbury, datainf, identity."""
+    """Preconditioner of the gradient methods (influence, hybrid, fusion): woodbury, datainf, identity."""
 
     seed: int = 0
     """Seed of the surrogate, every adapter and the random selection (the data stay fixed)."""
@@ -105,9 +106,12 @@ def run(config: DemoConfig) -> dict[str, Any]:
     training = {**on_adaptation, **world.train_flags}
     save_every = max(1, int(world.train_flags.get("steps", 8)) // 8)
 
-    # surrogate, score, select
+    # surrogate (when a method reads one), score, select
+    from batctl.methods import reads_surrogate
+
     surrogate = out / "surrogate"
-    run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
+    if any(reads_surrogate(name) for name in config.method):
+        run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
     scores = {
         name: score_with(name, world, out, surrogate, config, common) for name in config.method
     }
@@ -181,12 +185,10 @@ def score_with(
 ) -> Path:
     """The score store of `method` on the world's pool (the gradient methods read the surrogate
     and the world's score recipe); returns its directory."""
-    from batctl.stages.score import FUSE_DEFAULT
-
     from batctl.methods import reads_surrogate
 
     extra: dict[str, Any] = {}
-    if reads_surrogate(method, FUSE_DEFAULT):
+    if reads_surrogate(method):
         extra = {
             "surrogate": surrogate,
             "preconditioner": config.preconditioner,

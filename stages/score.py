@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -21,7 +22,9 @@ log = logging.getLogger("batctl.score")
 INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normalize", "layer_scores")
 """Flags only the gradient methods read."""
 HYBRID_FLAGS = ("prefilter", "candidates")
+MMR_FLAGS = ("candidates", "diversity", "fuse")
 FUSE_DEFAULT = ("influence", "bm25", "tfidf")
+"""fusion's parts when --fuse is not given (its store params omit them then)."""
 
 
 @dataclass(frozen=True)
@@ -35,17 +38,22 @@ class ScoreConfig(DataOptions):
     out: str | None = None
     """Output directory, or an s3:// (gs://, az://) URL that every shard writes into; manifest.json inside marks it complete."""
 
-    method: Literal["fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"] = "fusion"
-    """What ranks the pool: fusion (the sum of the z-scores of influence, bm25 and tfidf: the best on benchmarks/bat_quality.py's dev world); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
+    method: Literal["mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"] = (
+        "mmr"
+    )
+    """What ranks the pool: mmr (the --fuse z-score sum, bm25 + tfidf by default, whose top --candidates are re-ranked for --diversity from D_A and from each other: the best on benchmarks/bat_quality.py's dev worlds); fusion (the z-score sum alone; influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
 
     candidates: int = 256
-    """--method hybrid: how many of the prefilter's top rows get a gradient (the rest keep prefilter order below them)."""
+    """--method hybrid: how many of the prefilter's top rows get a gradient; --method mmr: how many of the most relevant rows are re-ranked for diversity (the rest keep their order below them)."""
 
-    fuse: tuple[str, ...] = FUSE_DEFAULT
-    """--method fusion: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag)."""
+    diversity: float = 0.7
+    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.7: best of 0.3/0.5/0.7/0.85 on the dev worlds)."""
+
+    fuse: tuple[str, ...] = ()
+    """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
 
     surrogate: Path | None = None
     """Surrogate adapter directory (the output of `batctl surrogate`); --method influence only."""
@@ -92,13 +100,11 @@ class ScoreConfig(DataOptions):
         out = super().problems()
         if self.reads_surrogate and self.surrogate is None:
             out.append(f"--surrogate is required with --method {self.method}")
-        if not self.reads_surrogate and self.surrogate is not None:
-            out.append(
-                "--surrogate is only read by --method influence, hybrid and fusion (with influence in --fuse)"
-            )
         unknown = [m for m in self.fuse if m not in PARTS]
-        if unknown or len(set(self.fuse)) < 2:
+        if self.fuse and (unknown or len(set(self.fuse)) < 2):
             out.append(f"--fuse: give two or more of {', '.join(PARTS)}, got {','.join(self.fuse)}")
+        if not (math.isfinite(self.diversity) and 0 <= self.diversity < 1):
+            out.append(f"--diversity must be in [0, 1), got {self.diversity}")
         if self.damping <= 0:
             out.append(f"--damping must be > 0, got {self.damping}")
         for name in ("batch_size", "chunk_size", "loss_draws", "candidates"):
@@ -128,11 +134,13 @@ class ScoreConfig(DataOptions):
         if not self.reads_surrogate:
             for name in INFLUENCE_FLAGS:
                 out.pop(name, None)
-        if self.method != "hybrid":
-            for name in HYBRID_FLAGS:
-                out.pop(name, None)
-        if self.method != "fusion" or tuple(self.fuse) == FUSE_DEFAULT:
-            out.pop("fuse", None)  # the default parts are implied (stores written before --fuse)
+        kept = {"hybrid": HYBRID_FLAGS, "mmr": MMR_FLAGS}.get(self.method, ())
+        for name in sorted({*HYBRID_FLAGS, *MMR_FLAGS} - {*kept, "fuse"}):
+            out.pop(name, None)
+        if self.method == "mmr" or (self.method == "fusion" and self.fuse_parts != FUSE_DEFAULT):
+            out["fuse"] = list(self.fuse_parts)
+        else:
+            out.pop("fuse", None)  # fusion's default parts are implied (stores before --fuse)
         return out
 
     @property
@@ -141,6 +149,13 @@ class ScoreConfig(DataOptions):
         from batctl.methods import reads_surrogate
 
         return reads_surrogate(self.method, self.fuse)
+
+    @property
+    def fuse_parts(self) -> tuple[str, ...]:
+        """The parts fusion and mmr add: --fuse, else the method's default."""
+        from batctl.methods import fuse_parts
+
+        return fuse_parts(self.method, self.fuse)
 
     def shard_of(self, env: dict[str, str]) -> tuple[int, int]:
         """(i, N) from --shard, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
@@ -190,6 +205,14 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         check_same_model(surrogate, model, "--surrogate")
         check_adapter_dir(surrogate, "--surrogate")
         inputs["surrogate"] = describe_input(surrogate)
+    elif config.surrogate is not None:
+        # Not an error: `score --surrogate S` without --method is DESIGN §7's command line,
+        # written when the default method read the surrogate.
+        log.warning(
+            "--method %s does not read --surrogate (relevance: %s); it is ignored. For the gradient, "
+            "add --fuse influence --fuse bm25 --fuse tfidf, or use --method fusion or influence",
+            config.method, ", ".join(config.fuse_parts) or config.method,
+        )  # fmt: skip
     inputs["data"] = describe_data(config.data, fp)
     inputs["pool"] = describe_pool(config.pool, fp)
     if config.target is not None:

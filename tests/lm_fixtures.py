@@ -77,3 +77,26 @@ def write_two_part_pool(root: Path) -> str:
             lines.insert(7, "{not json")
         (root / f"pool-{p}.jsonl").write_text("\n".join(lines) + "\n")
     return str(root / "pool-{0..1}.jsonl")
+
+
+def lexical_by_hand(texts: list[str], queries: list[str]):
+    """bm25 (each query summed) and tfidf (cosine to the query centroid) of every text, from the
+    formulas' building blocks rather than the methods' scorers; also the idf vector."""
+    import numpy as np
+
+    from batctl.methods.lexical import (
+        bm25_scores,
+        bm25_tokens,
+        fit_bm25,
+        fit_tfidf,
+        smooth_idf,
+        tfidf_rows,
+    )
+
+    meta = fit_bm25(texts, queries)
+    bm25 = bm25_scores(bm25_tokens(texts), meta["query_weights"], meta["idf"], meta["avgdl"])
+    df, n_docs = fit_tfidf(iter(texts))
+    idf = smooth_idf(df, n_docs)
+    centroid = np.asarray(tfidf_rows(queries, idf).mean(axis=0)).ravel()
+    tfidf = np.asarray(tfidf_rows(texts, idf) @ (centroid / np.linalg.norm(centroid))).ravel()
+    return bm25, tfidf, idf

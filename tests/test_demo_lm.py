@@ -118,26 +118,25 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
     out = tmp_path / "demo"
     result = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--reselect-every", "2", "--json")
     assert result.exit_code == 0, result.stderr
-    # the paper's ALBAT loop, from fusion's selection and store, is a row of its own
-    assert "| fusion-dynamic-g0.5 |" in json.loads(result.stdout)["table"]
-    assert (out / "train" / "fusion-dynamic-g0.5" / "reselect.jsonl").is_file()
+    # the paper's ALBAT loop, from mmr's selection and store, is a row of its own
+    assert "| mmr-dynamic-g0.5 |" in json.loads(result.stdout)["table"]
+    assert (out / "train" / "mmr-dynamic-g0.5" / "reselect.jsonl").is_file()
     payload = json.loads(result.stdout)
     assert (
-        "| fusion-g0.5 |" in payload["table"]
+        "| mmr-g0.5 |" in payload["table"]
         and "| bm25-g0.5 |" in payload["table"]
         and "oracle θ*" in payload["table"]
     )
     for name in (
-        "surrogate",
-        "scores-fusion",
+        "scores-mmr",
         "scores-bm25",
-        "select-fusion",
+        "select-mmr",
         "select-bm25",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
-    for label in ("none", "random-g0.5", "random-g0.9", "fusion-g0.5", "bm25-g0.9"):
+    for label in ("none", "random-g0.5", "random-g0.9", "mmr-g0.5", "bm25-g0.9"):
         assert (out / "train" / label / "adapter_model.safetensors").is_file(), label
     report = out / "report"
     for name in (
@@ -159,17 +158,19 @@ def test_demo_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch, qu
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert math.isfinite(row["weight_diff_rel"]) and row["weight_diff_rel"] > 0
     # γ = 0.5 adds k = n samples; their domain make-up is read from the selection itself.
-    chosen = json.loads((out / "select-fusion" / "gamma-0.5" / "selection.json").read_text())
+    chosen = json.loads((out / "select-mmr" / "gamma-0.5" / "selection.json").read_text())
     keys = [c["key"] for c in chosen["chosen"]]
-    assert rows["fusion-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
+    assert rows["mmr-g0.5"]["selected"] == len(keys) == demo_lm.N_ADAPTATION
     share = sum(World.domain_of(k) == "email" for k in keys) / len(keys)
-    assert rows["fusion-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["mmr-g0.5"]["target_share"] == pytest.approx(share)
 
-    # the recipe reached the stages: the surrogate's own steps, score's normalisation
-    surrogate_log = (out / "surrogate" / "log.jsonl").read_text().splitlines()
-    assert max(json.loads(line)["step"] for line in surrogate_log) == 2
-    score_params = json.loads((out / "scores-fusion" / "manifest.json").read_text())["params"]
-    assert score_params["normalize"] is True
+    # the recipe reached the stages: train's own steps; the default methods read no surrogate,
+    # so none is trained
+    train_log = (out / "train" / "none" / "log.jsonl").read_text().splitlines()
+    assert max(json.loads(line)["step"] for line in train_log) == 4
+    assert not (out / "surrogate").exists()
+    score_params = json.loads((out / "scores-mmr" / "manifest.json").read_text())["params"]
+    assert score_params["fuse"] == ["bm25", "tfidf"] and "surrogate" not in score_params
 
     again = cli("demo", "--out", out, "--gamma", "0.5,0.9", "--reselect-every", "2", "--json")
     assert again.exit_code == 0, again.stderr

@@ -11,7 +11,7 @@ import zarr
 from batctl.methods.lexical import bm25_scores, bm25_tokens, fit_bm25
 from batctl.tiny import build_tiny_lm
 
-from .lm_fixtures import color_records, mixed_pool_lines, write_jsonl
+from .lm_fixtures import color_records, lexical_by_hand, mixed_pool_lines, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,6 @@ def test_hybrid_reranks_the_bm25_top_candidates_by_influence_cosine(setup, cli_m
 
 
 def test_fusion_adds_the_z_scores_of_influence_bm25_and_tfidf(setup, cli_module, tmp_path):
-    from batctl.methods.lexical import fit_tfidf, smooth_idf, tfidf_rows
-
     common = ["--model", setup["lm"], "--data", setup["domain"], "--pool", setup["pool"],
               "--surrogate", setup["sur"], "--chunk-size", "8"]  # fmt: skip
     fused = tmp_path / "fusion"
@@ -117,12 +115,7 @@ def test_fusion_adds_the_z_scores_of_influence_bm25_and_tfidf(setup, cli_module,
 
     texts = [text(r) for r in records]
     queries = [text(json.loads(line)) for line in setup["domain"].read_text().splitlines()]
-    meta = fit_bm25(texts, queries)
-    bm25 = bm25_scores(bm25_tokens(texts), meta["query_weights"], meta["idf"], meta["avgdl"])
-    df, n_docs = fit_tfidf(iter(texts))
-    idf = smooth_idf(df, n_docs)
-    centroid = np.asarray(tfidf_rows(queries, idf).mean(axis=0)).ravel()
-    tfidf = np.asarray(tfidf_rows(texts, idf) @ (centroid / np.linalg.norm(centroid))).ravel()
+    bm25, tfidf, _ = lexical_by_hand(texts, queries)
     influence = column(exact, "score").astype(np.float64)  # 24 rows: all in influence's sample
 
     def z(x):

@@ -83,11 +83,14 @@ def test_each_baseline_writes_the_store_select_reads(cli, setup, tmp_path, metho
     assert again.exit_code == 0 and "up to date" in again.stderr
 
 
-def test_a_baseline_with_a_surrogate_or_influence_without_one_is_a_usage_error(
+def test_a_baseline_ignores_a_surrogate_and_influence_without_one_is_a_usage_error(
     cli, setup, tmp_path
 ):
-    bad = cli(*score_args(setup, tmp_path / "a", "bm25"), "--surrogate", tmp_path)
-    assert bad.exit_code == 2 and "--surrogate is only read by --method influence" in bad.stderr
+    ignored = cli(*score_args(setup, tmp_path / "a", "bm25"), "--surrogate", tmp_path)
+    assert ignored.exit_code == 0, ignored.stderr
+    assert "--method bm25 does not read --surrogate" in ignored.stderr
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert "surrogate" not in manifest["inputs"] and "surrogate" not in manifest["params"]
     missing = cli(*score_args(setup, tmp_path / "b", "influence"))
     assert (
         missing.exit_code == 2

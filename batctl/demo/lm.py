@@ -52,16 +52,34 @@ VERSION = 1
 TRAIN_FLAGS = {
     "rank": 8,
     "targets": ("all-linear",),
-    "steps": 48,
+    "steps": 24,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "warmup_steps": 3,
+}
+"""Adaptation, chosen as a practitioner would: by 4-fold cross-validation on D_A alone, averaged
+over the five dev worlds (benchmarks/train_recipe.py; steps 8-48 × lr 1e-3 and 3e-3). The old
+recipe (48 steps at 3e-3, 12 epochs) overfit: plain adaptation ended above the bare backbone's
+held-out loss on four of five worlds."""
+
+ORACLE_FLAGS = {
+    "rank": 8,
+    "targets": ("all-linear",),
+    "steps": 160,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup_steps": 4,
 }
-"""Adaptation: 48 steps of 8 over 32 samples is 12 epochs, enough to overfit D_A."""
+"""θ*: plenty of target data, so it trains longer (it is the reference, not a rival)."""
 
-ORACLE_FLAGS = {**TRAIN_FLAGS, "steps": 160}
-
-SURROGATE_FLAGS = {**TRAIN_FLAGS, "steps": 12, "warmup_steps": 2}
+SURROGATE_FLAGS = {
+    "rank": 8,
+    "targets": ("all-linear",),
+    "steps": 12,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+}
 """Three epochs over D_A: measured on this world's gradients (seed 0), the cosine between the
 D_A target gradient and the held-out one's falls from 0.39 (fresh adapter) to 0.14 at 12 steps
 and -0.05 at 48 (fitted to D_A: v is then noise), while 12 steps ranks best (AUC 0.69 vs 0.65)."""

@@ -9,6 +9,7 @@
 | `embed` | backbone embedding cosine to the adaptation centroid | the backbone |
 | `hybrid` | the --prefilter's top --candidates, re-ranked by influence | --surrogate |
 | `fusion` | the sum of the z-scores of influence, bm25 and tfidf | --surrogate |
+| `mmr` | fusion's top --candidates, re-ranked for --diversity from D_A and each other | --surrogate if --fuse names influence |
 """
 
 from __future__ import annotations
@@ -17,15 +18,26 @@ from collections.abc import Sequence
 
 from batctl.methods.base import Method, Result, Scorer, text_of
 
-METHODS = ("influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion")
+METHODS = ("influence", "bm25", "tfidf", "dsir", "embed", "hybrid", "fusion", "mmr")
 SURROGATE_METHODS = ("influence", "hybrid", "fusion")
 """Methods that read --surrogate (the others need no surrogate and no backward pass)."""
 
 
+FUSE_DEFAULTS = {"fusion": ("influence", "bm25", "tfidf"), "mmr": ("bm25", "tfidf")}
+"""The --fuse parts of each method that fuses, when the flag is not given."""
+
+
+def fuse_parts(method: str, fuse: Sequence[str] = ()) -> tuple[str, ...]:
+    """The parts `method` fuses: `fuse` when given, else the method's default (() for methods
+    that fuse nothing)."""
+    return tuple(fuse) or FUSE_DEFAULTS.get(method, ())
+
+
 def reads_surrogate(method: str, fuse: Sequence[str] = ()) -> bool:
-    """Whether `method` (with these --fuse parts, for fusion) needs the surrogate's gradients."""
-    if method == "fusion":
-        return "influence" in fuse
+    """Whether `method` (with these --fuse parts; () for its default) needs the surrogate's
+    gradients."""
+    if method in FUSE_DEFAULTS:
+        return "influence" in fuse_parts(method, fuse)
     return method in SURROGATE_METHODS
 
 
@@ -39,6 +51,10 @@ def make_method(name: str) -> Method:
         from batctl.methods.fusion import Fusion
 
         return Fusion()
+    if name == "mmr":
+        from batctl.methods.mmr import Mmr
+
+        return Mmr()
     if name == "hybrid":
         from batctl.methods.hybrid import Hybrid
 
@@ -61,6 +77,8 @@ __all__ = [
     "Method",
     "Result",
     "Scorer",
+    "FUSE_DEFAULTS",
+    "fuse_parts",
     "make_method",
     "reads_surrogate",
     "text_of",

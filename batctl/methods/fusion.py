@@ -96,7 +96,7 @@ class Fusion(Method):
         from batctl.methods.influence import Influence
         from batctl.methods.lexical import load_state, save_state
 
-        parts = list(config.fuse)
+        parts = list(config.fuse_parts)
         scorers: dict[str, Scorer] = {}
         for name in parts:
             if name == "influence":
