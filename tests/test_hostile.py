@@ -283,7 +283,8 @@ def test_17_stages_leave_no_lock_files(cli_module, lm, surrogate, tmp_path):
     assert not list(sur.parent.glob(".*"))  # the surrogate fixture's own run
     pool = write_jsonl(tmp_path / "pool.jsonl", color_records(6, seed=2))
     out = tmp_path / "runs" / "scores"
-    args = ["--model", lm, "--surrogate", sur, "--data", data, "--pool", pool, "--out", out]
+    args = ["--method", "influence", "--model", lm, "--surrogate", sur, "--data", data,
+            "--pool", pool, "--out", out]  # fmt: skip
     assert cli_module("score", *args).exit_code == 0
     assert cli_module("score", *args).exit_code == 0  # up to date
     sel = tmp_path / "runs" / "sel"
@@ -569,8 +570,8 @@ def test_07_pickled_adapters_and_models_are_refused(cli_module, lm, surrogate, t
     weights.unlink()
     pool = write_jsonl(tmp_path / "pool.jsonl", color_records(4, seed=3))
     before = tree_hashes(pickled_sur, data, pool, lm)
-    result = cli_module("score", "--model", lm, "--surrogate", pickled_sur, "--data", data,
-                        "--pool", pool, "--out", tmp_path / "s")  # fmt: skip
+    result = cli_module("score", "--method", "influence", "--model", lm, "--surrogate",
+                        pickled_sur, "--data", data, "--pool", pool, "--out", tmp_path / "s")  # fmt: skip
     line = one_error(result, 1)
     assert "adapter_model.bin" in line and "convert it to safetensors" in line
     model = copy_tree(lm, tmp_path / "model")
@@ -652,8 +653,8 @@ def test_16_two_identical_runs_write_identical_bytes(cli_module, lm, surrogate, 
         surrogate_args = [*common, "--out", out / "sur", "--lr", "1e-2", "--targets", "q_proj",
                           "--targets", "v_proj", "--targets", "o_proj", "--steps", "2"]  # fmt: skip
         no_error(cli_module("surrogate", *surrogate_args))
-        no_error(cli_module("score", *common, "--surrogate", sur, "--pool", pool,
-                            "--out", out / "scores"))  # fmt: skip
+        no_error(cli_module("score", "--method", "fusion", *common, "--surrogate", sur,
+                            "--pool", pool, "--out", out / "scores"))  # fmt: skip
         runs.append(out)
     first, second = _bytes_of(runs[0]), _bytes_of(runs[1])
     assert "sur/adapter_config.json" in first and "scores/target.safetensors" in first

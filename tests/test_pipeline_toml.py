@@ -26,6 +26,7 @@ lr = 1e-2
 out = "{root}/surrogate"
 
 [score]
+method = "influence"  # the default, mmr, reads no surrogate
 surrogate = "{root}/surrogate"  # a top-level key cannot share a table's name
 pool = ["{data}/pool-{{000..001}}.jsonl"]
 out = "{root}/scores"
