@@ -37,7 +37,9 @@ bench: install
 	$(PYTHON) benchmarks/score_throughput.py
 
 bench-quality: install
+	$(PYTHON) benchmarks/train_recipe.py
 	$(PYTHON) benchmarks/bat_quality.py
+	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit
 
 bench-reselect: install
 	$(PYTHON) benchmarks/reselect_curves.py

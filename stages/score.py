@@ -1,7 +1,8 @@
 """score: stream the backbone pool once and give every sample a score (DESIGN §5, §5b).
 
-The method (influence, or a cheap baseline: bm25, tfidf, dsir, embed) is one interface that
-writes one store layout; this stage only streams, shards, resumes and publishes.
+The method (mmr by default; influence, fusion, hybrid; the cheap baselines bm25, tfidf, dsir,
+embed) is one interface that writes one store layout; this stage only streams, shards, resumes
+and publishes.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ScoreConfig(DataOptions):
     """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
 
     surrogate: Path | None = None
-    """Surrogate adapter directory (the output of `batctl surrogate`); --method influence only."""
+    """Surrogate adapter directory (the output of `batctl surrogate`), read by the gradient methods (influence, hybrid, and fusion or mmr when --fuse names influence); any other method ignores it with a warning."""
 
     pool: tuple[str, ...] = ()
     """Backbone pool parts: tars, JSON/JSONL, text; braces like laion-{000..099}.tar are expanded by batctl."""

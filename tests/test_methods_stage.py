@@ -83,6 +83,30 @@ def test_each_baseline_writes_the_store_select_reads(cli, setup, tmp_path, metho
     assert again.exit_code == 0 and "up to date" in again.stderr
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["bm25"],
+        ["tfidf"],
+        ["dsir"],
+        ["embed"],
+        ["mmr"],
+        ["fusion", "--fuse", "bm25", "--fuse", "tfidf"],
+    ],
+)
+def test_a_pool_with_nothing_readable_is_one_error_line_for_every_text_method(
+    cli, setup, tmp_path, flags
+):
+    """A chunk whose rows are all unreadable reaches the scorer as an empty batch (scikit-learn
+    refuses one); the run must end in score's own refusal, not a traceback."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"label": 1}\n{"label": 2}\n')
+    result = cli(*score_args(setup, tmp_path / "s", *flags, pool=pool))
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "no sample got a finite score (2 unreadable)" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_baseline_ignores_a_surrogate_and_influence_without_one_is_a_usage_error(
     cli, setup, tmp_path
 ):

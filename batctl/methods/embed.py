@@ -48,6 +48,8 @@ class EmbedScorer(Scorer):
         from batctl.errors import BadSampleError
 
         results: list[Result] = []
+        if not samples:  # a chunk with nothing readable
+            return results
         try:
             values = unit_rows(embed_samples(self.task, samples, "pool", self.batch_size))
         except BadSampleError:  # one sample the task cannot take: score the rest one by one

@@ -46,6 +46,8 @@ def prefilter_all(pool: Any, scorer: Scorer, batch: int = 4096) -> np.ndarray:
     slots: list[int] = []
 
     def flush() -> None:
+        if not pending:  # a pool with nothing readable: scikit-learn refuses an empty batch
+            return
         for slot, result in zip(slots, scorer.score(pending, slots), strict=True):
             values[slot] = np.nan if result is None else result[0]
         pending.clear()

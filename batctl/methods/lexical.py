@@ -224,9 +224,13 @@ def tfidf_vectorizer() -> Any:
 
 def tfidf_rows(texts: Sequence[str], idf: np.ndarray) -> Any:
     """L2-normalised TF-IDF rows (scipy CSR) of `texts`, as TfidfTransformer computes them."""
+    from scipy.sparse import csr_matrix
     from sklearn.preprocessing import normalize
 
-    counts = tfidf_vectorizer().transform(list(texts))
+    texts = list(texts)
+    if not texts:  # a chunk with nothing readable; scikit-learn refuses an empty batch
+        return csr_matrix((0, TFIDF_FEATURES))
+    counts = tfidf_vectorizer().transform(texts)
     return normalize(counts.multiply(idf).tocsr(), norm="l2")
 
 

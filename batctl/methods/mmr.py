@@ -88,6 +88,26 @@ def rows_texts(pool: Any, rows: set[int]) -> dict[int, str]:
     return out
 
 
+def diverse_order(
+    pool: Any, rows: np.ndarray, relevance: np.ndarray, idf: np.ndarray, config: Any
+) -> np.ndarray:
+    """The MMR pick order of the candidate `rows` (store rows) given their `relevance`: TF-IDF
+    vectors (with the pool's `idf`) of their texts and of the adaptation set, then `mmr_order`
+    with λ = config.diversity. Returns indices into `rows`."""
+    from batctl.methods.lexical import adaptation_texts, tfidf_rows
+
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    texts = rows_texts(pool, set(int(r) for r in rows))
+    vectors = tfidf_rows([texts[int(r)] for r in rows], idf)
+    adaptation = tfidf_rows(adaptation_texts(config), idf)
+    similarity = (vectors @ vectors.T).toarray()
+    seen = np.zeros(len(rows))
+    if adaptation.shape[0]:
+        seen = (vectors @ adaptation.T).toarray().max(axis=1)
+    return mmr_order(rescale(relevance), similarity, seen, config.diversity)
+
+
 class MmrScorer(Scorer):
     def __init__(self, scores: np.ndarray, n_adaptation: int, attrs: dict[str, Any]) -> None:
         self.scores = scores
@@ -109,7 +129,7 @@ class Mmr(Method):
         from batctl.methods import make_method
         from batctl.methods.fusion import Fusion
         from batctl.methods.hybrid import prefilter_all, top_rows
-        from batctl.methods.lexical import adaptation_texts, load_state, save_state, tfidf_rows
+        from batctl.methods.lexical import load_state, save_state
 
         relevance_scorer = Fusion().prepare(work, pool, config)
         folder = work / "tfidf"  # fusion's own tfidf state when --fuse names it
@@ -122,24 +142,15 @@ class Mmr(Method):
             rows = top_rows(
                 np.where(readable, relevance, -np.inf), min(config.candidates, int(readable.sum()))
             )
-            texts = rows_texts(pool, set(int(r) for r in rows))
-            vectors = tfidf_rows([texts[int(r)] for r in rows], tfidf.idf)
-            adaptation = tfidf_rows(adaptation_texts(config), tfidf.idf)
-            similarity = (vectors @ vectors.T).toarray()
-            seen = (
-                (vectors @ adaptation.T).toarray().max(axis=1)
-                if adaptation.shape[0]
-                else np.zeros(len(rows))
-            )
-            order = mmr_order(rescale(relevance[rows]), similarity, seen, config.diversity)
+            order = rows[diverse_order(pool, rows, relevance[rows], tfidf.idf, config)]
             scores = np.where(
                 readable, 1.0 / (1.0 + np.exp(-np.where(readable, relevance, 0.0))), np.nan
             )
             count = len(rows)
-            scores[rows[order]] = 2.0 + (count - np.arange(count)) / count
+            scores[order] = 2.0 + (count - np.arange(count)) / max(1, count)
             save_state(
                 path,
-                {"score": scores.astype(np.float32), "order": rows[order].astype(np.int64)},
+                {"score": scores.astype(np.float32), "order": order.astype(np.int64)},
                 {
                     "candidates": count,
                     "diversity": config.diversity,
