@@ -524,6 +524,20 @@ class DataOptions(ModelOptions):
         """--max-sample-mib in bytes, what the pool readers take."""
         return self.max_sample_mib << 20
 
+    def read_samples(self, spec: Any, flag: str) -> list[Any]:
+        """Every readable sample of `spec` read as these flags say (--strict, --paragraphs,
+        --max-sample-mib); `flag` names the input in messages. Unreadable samples are counted
+        and skipped; none readable is an error naming `flag`."""
+        from batctl.samples import load_samples
+
+        return load_samples(
+            spec,
+            flag=flag,
+            strict=self.strict,
+            paragraphs=self.paragraphs,
+            max_sample_bytes=self.max_sample_bytes(),
+        )
+
     def problems(self) -> list[str]:
         out = super().problems()
         if self.max_length < 1:

@@ -185,21 +185,13 @@ def run_remote(
     config: Any, out: str, identity: dict[str, Any], shard: int, shards: int
 ) -> dict[str, Any]:
     """Score this shard's chunks into the store at URL `out` (see the module docstring)."""
-    from batctl.data import open_pool
     from batctl.methods import make_method
-    from batctl.remote import local_specs
     from batctl.scorestore import ScoreStore
     from batctl.stages.score import count_rows, score_shard
 
     check_published(out, identity, config.force)
     started = claim(out, identity, shard, shards, config.force)
-    pool = open_pool(
-        local_specs(config.pool),
-        strict=config.strict,
-        paragraphs=config.paragraphs,
-        max_sample_bytes=config.max_sample_bytes(),
-        decode=False,
-    )
+    pool = config.open_pool()
     method = make_method(config.method)
     with tempfile.TemporaryDirectory(prefix="batctl-state-") as scratch:
         if shard == 0 and not exists(join(out, STATE_READY)):

@@ -439,6 +439,14 @@ def plot(results: dict[str, dict[str, Any]], methods: list[str], path: Path) -> 
     plt.close(fig)
 
 
+def train_recipe(text: str | None) -> dict[str, Any]:
+    """--train STEPS,LR,WARMUP as train flags ({} when not given)."""
+    if not text:
+        return {}
+    steps, lr, warmup = text.split(",")
+    return {"steps": int(steps), "lr": float(lr), "warmup_steps": int(warmup)}
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -467,10 +475,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys([*args.methods, "none", "perfect", "random"]))
-    override = None
-    if args.train:
-        steps, lr, warmup = args.train.split(",")
-        override = {"steps": int(steps), "lr": float(lr), "warmup_steps": int(warmup)}
+    override = train_recipe(args.train)
     results, markdown = {}, []
     for domain in args.domains:
         started = time.monotonic()

@@ -261,10 +261,10 @@ def main() -> None:
         help="train with this recipe instead of the demo's (e.g. 48,3e-3,4, the overfitting one)",
     )
     args = parser.parse_args()
-    args.train_override = {}
-    if args.train:
-        steps, lr, warmup = args.train.split(",")
-        args.train_override = {"steps": int(steps), "lr": float(lr), "warmup_steps": int(warmup)}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bat_quality import train_recipe
+
+    args.train_override = train_recipe(args.train)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         render_report,
         write_json,
     )
-    from batctl.samples import describe_data, load_samples
+    from batctl.samples import describe_data
 
     # setup: every input checked before the model is loaded
     strict = config.strict_fingerprints
@@ -265,13 +265,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         from batctl.tasks import load_task
 
         # load
-        heldout = load_samples(
-            config.data,
-            flag="--data",
-            strict=config.strict,
-            paragraphs=config.paragraphs,
-            max_sample_bytes=config.max_sample_bytes(),
-        )
+        heldout = config.read_samples(config.data, "--data")
         task = load_task(config.task_settings(), config.task)
         reference = None
         reference_loss = None

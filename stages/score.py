@@ -151,6 +151,20 @@ class ScoreConfig(DataOptions):
 
         return reads_surrogate(self.method, self.fuse)
 
+    def open_pool(self) -> Any:
+        """This run's --pool (remote parts through their local mirror), decoded lazily: the
+        store's rows in order, as every shard and the method's prepare see them."""
+        from batctl.data import open_pool
+        from batctl.remote import local_specs
+
+        return open_pool(
+            local_specs(self.pool),
+            strict=self.strict,
+            paragraphs=self.paragraphs,
+            max_sample_bytes=self.max_sample_bytes(),
+            decode=False,
+        )
+
     @property
     def fuse_parts(self) -> tuple[str, ...]:
         """The parts fusion and mmr add: --fuse, else the method's default."""
@@ -186,9 +200,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         require_stage,
         run_identity,
     )
-    from batctl.data import open_pool
     from batctl.methods import make_method
-    from batctl.remote import is_url, local_specs
+    from batctl.remote import is_url
     from batctl.remote_score import run_remote
     from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data
@@ -234,13 +247,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
                 refuse_while_scoring(out)  # wiping a store other shards write would mix two runs
             work = open_score_partial(out, identity, config.force, shards)
             started = json.loads((work / "partial.json").read_text(encoding="utf-8"))["started"]
-            pool = open_pool(
-                local_specs(config.pool),
-                strict=config.strict,
-                paragraphs=config.paragraphs,
-                max_sample_bytes=config.max_sample_bytes(),
-                decode=False,
-            )
+            pool = config.open_pool()
             n_rows = None if ScoreStore.exists(work) else count_rows(pool, config)
             scorer = method.prepare(work, pool, config)
             if n_rows is not None:

@@ -19,7 +19,7 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
     """Train the surrogate adapter into `--out`; returns a summary (steps, losses, sizes)."""
     from batctl.artifacts import describe_input
     from batctl.distributed import check_batch_fits, rank_output, world_from_env
-    from batctl.samples import describe_data, load_samples
+    from batctl.samples import describe_data
 
     # setup
     inputs = {
@@ -35,13 +35,7 @@ def run(config: SurrogateConfig) -> dict[str, Any]:
         from batctl.training import train_adapter
 
         # load
-        adaptation = load_samples(
-            config.data,
-            flag="--data",
-            strict=config.strict,
-            paragraphs=config.paragraphs,
-            max_sample_bytes=config.max_sample_bytes(),
-        )
+        adaptation = config.read_samples(config.data, "--data")
         task = load_task(config.task_settings(), config.task)
         task.add_adapter(config.adapter_settings(), seed=config.seed)
         # loop + save

@@ -120,13 +120,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from batctl.training import train_adapter
 
         # load
-        adaptation = load_samples(
-            config.data,
-            flag="--data",
-            strict=config.strict,
-            paragraphs=config.paragraphs,
-            max_sample_bytes=config.max_sample_bytes(),
-        )
+        adaptation = config.read_samples(config.data, "--data")
         backbone = []
         if config.selection is not None:
             # strategy none writes an empty samples.tar: plain adaptation through the same path

@@ -129,6 +129,14 @@ def test_03_cwd_and_foreign_directories_are_never_removed(cli, tmp_path, monkeyp
 # --------------------------------------------------------------------------- flags (9-11)
 
 
+def train_refuses(cli, lm, domain, tmp_path, flags, named):
+    """`train` with `flags` exits 2 with one line naming `named`, touching no input."""
+    before = tree_hashes(domain, lm)
+    result = cli("train", "--model", lm, "--data", domain, "--out", tmp_path / "o", *FAST, *flags)
+    assert named in one_error(result, 2)
+    assert tree_hashes(domain, lm) == before and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -141,10 +149,7 @@ def test_03_cwd_and_foreign_directories_are_never_removed(cli, tmp_path, monkeyp
     ],
 )
 def test_09_bad_numbers_are_one_line_naming_the_flag(cli, lm, domain, tmp_path, flags, named):
-    before = tree_hashes(domain, lm)
-    result = cli("train", "--model", lm, "--data", domain, "--out", tmp_path / "o", *FAST, *flags)
-    assert named in one_error(result, 2)
-    assert tree_hashes(domain, lm) == before and not (tmp_path / "o").exists()
+    train_refuses(cli, lm, domain, tmp_path, flags, named)
 
 
 def test_09_every_bad_flag_is_reported_at_once(cli, lm, domain, tmp_path):
@@ -175,10 +180,7 @@ def test_09_a_rank_wider_than_the_layers_is_refused_after_loading(cli, lm, domai
     ],
 )
 def test_10_non_finite_or_bad_alpha_and_lr_are_refused(cli, lm, domain, tmp_path, flags, named):
-    before = tree_hashes(domain, lm)
-    result = cli("train", "--model", lm, "--data", domain, "--out", tmp_path / "o", *FAST, *flags)
-    assert named in one_error(result, 2)
-    assert tree_hashes(domain, lm) == before and not (tmp_path / "o").exists()
+    train_refuses(cli, lm, domain, tmp_path, flags, named)
 
 
 def test_10_a_diverging_run_publishes_nothing(cli, lm, domain, tmp_path):

@@ -63,18 +63,10 @@ class Method(abc.ABC):
 def target_samples(config: Any) -> list[Sample]:
     """The samples a method compares the pool with: --target when given (it defines the
     target), else the adaptation set (--data)."""
-    from batctl.samples import load_samples
-
     spec, flag = (
         (config.target, "--target") if config.target is not None else (config.data, "--data")
     )
-    return load_samples(
-        spec,
-        flag=flag,
-        strict=config.strict,
-        paragraphs=config.paragraphs,
-        max_sample_bytes=config.max_sample_bytes(),
-    )
+    return config.read_samples(spec, flag)
 
 
 def text_of(sample: Sample, instance_prompt: str | None = None) -> str:

@@ -42,27 +42,14 @@ def ensure_target(work: Path, task: Any, config: Any) -> tuple[Any, dict[str, st
     Every shard scores with the same saved r, so shards agree to the bit.
     """
     from batctl.influence.target import load_target, prepare_target, save_target
-    from batctl.samples import load_samples
 
     path = work / TARGET
     if path.is_file():
         return load_target(path)
-    adaptation = load_samples(
-        config.data,
-        flag="--data",
-        strict=config.strict,
-        paragraphs=config.paragraphs,
-        max_sample_bytes=config.max_sample_bytes(),
-    )
+    adaptation = config.read_samples(config.data, "--data")
     target_samples = None
     if config.target is not None:
-        target_samples = load_samples(
-            config.target,
-            flag="--target",
-            strict=config.strict,
-            paragraphs=config.paragraphs,
-            max_sample_bytes=config.max_sample_bytes(),
-        )
+        target_samples = config.read_samples(config.target, "--target")
     target = prepare_target(
         task,
         adaptation,
