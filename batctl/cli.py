@@ -308,7 +308,11 @@ def info_command(
 
 @app.command("tiny", cls=_PlainCommand)
 def tiny_command(
-    family: str = typer.Argument(..., metavar="lm|diffusion", help="Which tiny backbone to build."),
+    family: str = typer.Argument(
+        ...,
+        metavar="lm|diffusion|clip",
+        help="Which tiny model to build (clip: for score --method embed --clip DIR).",
+    ),
     directory: Path = typer.Argument(
         ..., metavar="DIR", help="Where to save it (save_pretrained layout)."
     ),
@@ -323,11 +327,11 @@ def tiny_command(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
-    """A tiny random backbone with an offline tokenizer, for tests and CI smoke runs (no network)."""
+    """A tiny random backbone (or CLIP) with an offline tokenizer, for tests and CI smoke runs (no network)."""
 
     def action() -> dict[str, Any]:
-        if family not in ("lm", "diffusion"):
-            raise UsageError(f"FAMILY must be lm or diffusion, got {family!r}")
+        if family not in ("lm", "diffusion", "clip"):
+            raise UsageError(f"FAMILY must be lm, diffusion or clip, got {family!r}")
         from batctl.tiny import write_tiny
 
         return write_tiny(family, directory, seed=seed, force=force)

@@ -395,6 +395,26 @@ def build_tiny_lm(
     return out
 
 
+def tiny_clip_text_config(tokenizer: Any, hidden: int) -> Any:
+    """A two-layer CLIP text tower's config of width ``hidden`` over ``tokenizer``'s vocabulary
+    (the tiny diffusion pipeline's text encoder and the tiny CLIP's text side)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=64,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_diffusion(out_dir: str | Path, *, seed: int = 0, resolution: int = 32) -> Path:
     """Write a tiny random Stable-Diffusion-1.x-style pipeline to ``out_dir``; return it.
 
@@ -408,7 +428,7 @@ def build_tiny_diffusion(out_dir: str | Path, *, seed: int = 0, resolution: int 
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if resolution < 8 or resolution % 8:
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
@@ -421,21 +441,7 @@ def build_tiny_diffusion(out_dir: str | Path, *, seed: int = 0, resolution: int 
     vae_scale_factor = 2 ** (len(vae_blocks) - 1)
 
     with _seeded(seed):
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=text_hidden,
-                intermediate_size=64,
-                projection_dim=text_hidden,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, text_hidden))
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -488,6 +494,57 @@ def build_tiny_diffusion(out_dir: str | Path, *, seed: int = 0, resolution: int 
     return out
 
 
+def build_tiny_clip(out_dir: str | Path, *, seed: int = 0, image_size: int = 16) -> Path:
+    """Write a tiny random CLIP (``transformers.CLIPModel``, its image processor and tokenizer)
+    to ``out_dir``; return it.
+
+    ``CLIPModel.from_pretrained(out_dir)`` and ``CLIPProcessor.from_pretrained(out_dir)`` load
+    it, as they load ``openai/clip-vit-base-patch32`` from a download: what ``score --method
+    embed --clip DIR`` reads. A ViT of two layers on 4 x 4 patches of ``image_size`` x
+    ``image_size`` images and a two-layer text tower, both projected to 32 dimensions. Random
+    weights embed nothing useful; the digits world trains one on its pool
+    (``batctl.demo.digits.pretrain_clip``).
+    """
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionConfig,
+    )
+
+    if image_size < 4 or image_size % 4:
+        raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_clip_tokenizer()
+    text = tiny_clip_text_config(tokenizer, 32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=4,
+        hidden_act="quick_gelu",
+    )
+    with _seeded(seed):
+        model = CLIPModel(
+            CLIPConfig(
+                text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32
+            )
+        )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    with _no_progress_bars():
+        model.eval().save_pretrained(out, safe_serialization=True)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    if not (out / "vocab.json").exists() or not (out / "merges.txt").exists():
+        _write_clip_vocab(out, *_clip_vocab_and_merges(tokenizer))
+    return out
+
+
 def write_tiny(
     family: str, out_dir: str | Path, *, seed: int = 0, force: bool = False
 ) -> dict[str, Any]:
@@ -499,7 +556,7 @@ def write_tiny(
     from batctl import __version__
     from batctl.artifacts import open_output
 
-    builders = {"lm": build_tiny_lm, "diffusion": build_tiny_diffusion}
+    builders = {"lm": build_tiny_lm, "diffusion": build_tiny_diffusion, "clip": build_tiny_clip}
     # The builder's output depends on the library versions too (file layouts, tokenizer classes).
     params = {
         "family": family,

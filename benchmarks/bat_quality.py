@@ -15,7 +15,12 @@ outputs are reused as they are).
 
     python benchmarks/bat_quality.py [--domains importlib unittest ...] [--seeds 0 1 2]
         [--gammas 0.5 0.75] [--methods influence bm25 ...] [--train 48,3e-3,4]
-        [--out runs/bat-quality]
+        [--family lm|digits] [--default mmr] [--out runs/bat-quality]
+
+`--family digits` runs the diffusion world instead: one digits world per target digit (each
+with its own UNet pretrained on its own pool, and its own CLIP trained on the pool's pairs),
+methods influence, caption bm25, CLIP retrieval (`embed --clip`), mmr, random, none and
+perfect-target; DEV_DIGITS chose the diffusion default, DEFAULT_DIGITS are reported.
 
 `--methods ... mmr-dynamic` adds the paper's ALBAT loop (`train --reselect-every 6` from the
 default's selection, candidates its store's top 128) as its own strategy beside the static
@@ -41,11 +46,29 @@ DEFAULT_DOMAINS = ("importlib", "unittest", "tkinter", "lib2to3")
 """The reported worlds: first run after the default and the train recipe were chosen."""
 DEV_DOMAINS = ("logging", "email", "asyncio", "http", "xml")
 """Where recipes and the default were chosen (their held-out numbers are not results)."""
+DEFAULT_DIGITS = ("two", "four", "eight")
+"""The reported diffusion worlds (target digits)."""
+DEV_DIGITS = ("seven",)
+"""The diffusion demo's own target: where the diffusion default was chosen."""
 SEEDS = (0, 1, 2)
 GAMMAS = (0.5, 0.75)
 BASELINES = ("bm25", "tfidf", "dsir", "embed")
 SCORED_METHODS = ("influence", *BASELINES, "hybrid", "fusion", "mmr")
 """Methods with a score store of their own (select takes their top)."""
+DIGITS_METHODS = ("influence", "bm25", "embed", "mmr")
+"""The diffusion world's: caption BM25 and CLIP retrieval (embed with the world's CLIP) are its
+cheap baselines; tfidf and dsir read the same four-word captions as bm25."""
+
+
+def open_world(family: str, domain: str) -> Any:
+    """The demo world of `family` (lm or digits) with `domain` as its target, seed 0."""
+    if family == "digits":
+        from batctl.demo.digits import digits_world
+
+        return digits_world(0, target=domain)[0]
+    from batctl.demo.lm import lm_world
+
+    return lm_world(0, target=domain)[0]
 
 
 def stage(name: str, **flags: Any) -> None:
@@ -86,6 +109,8 @@ def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[P
     flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
     if reads_surrogate(flags["method"], flags.get("fuse", ())):
         flags.update(surrogate=surrogate, **world.score_flags)
+    if flags["method"] == "embed" and world.clip is not None:
+        flags["clip"] = str(world.clip)  # CLIP retrieval, as LAION is searched
     started = time.process_time()
     done_before = (path / "manifest.json").is_file()
     stage(
@@ -107,9 +132,22 @@ def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[P
 
 
 def perfect_pool(world: Any, out: Path) -> Path:
-    """A pool file holding only the target domain's pool paragraphs (the labels, read)."""
+    """A pool part holding only the target domain's pool samples (the labels, read): JSONL
+    lines of an LM world, a webdataset tar of the digits world."""
     from batctl.demo.world import World
 
+    if world.family == "diffusion":
+        from webdataset import TarWriter
+
+        from batctl.data import open_pool
+
+        path = out / "perfect-pool.tar"
+        if not path.is_file():
+            with open(path, "wb") as f, TarWriter(f, mtime=0) as tar:
+                for sample in open_pool([str(p) for p in world.pool], decode=False):
+                    if World.domain_of(sample.key) == world.target:
+                        tar.write({"__key__": sample.key, **sample.raw})
+        return path
     path = out / "perfect-pool.jsonl"
     if not path.is_file():
         rows = [
@@ -123,6 +161,7 @@ def perfect_pool(world: Any, out: Path) -> Path:
 
 
 def run_world(
+    family: str,
     domain: str,
     out: Path,
     methods: list[str],
@@ -133,10 +172,9 @@ def run_world(
 ) -> dict[str, Any] | None:
     """Every stage for one target domain; returns the collected results. `train_override`
     replaces flags of the world's train recipe (steps, lr, warmup_steps)."""
-    from batctl.demo.lm import lm_world
     from batctl.selection import value_name
 
-    world, _ = lm_world(0, target=domain)
+    world = open_world(family, domain)
     out.mkdir(parents=True, exist_ok=True)
     common = {"model": str(world.model), **world.data_flags}
     surrogate = out / "surrogate"
@@ -237,8 +275,9 @@ def collect(world, out, stores, selections, adapters, gammas, cpu) -> dict[str, 
             if label != "backbone":
                 loss[label] = row["heldout_loss"]
     seeds = sorted({seed for _, seed in adapters})
-    tokens = token_counter(world)
-    texts = pool_texts_by_key(world)
+    lm = world.family == "lm"
+    tokens = token_counter(world) if lm else None
+    texts = pool_texts_by_key(world) if lm else {}
     picks: dict[str, Any] = {}
     for (method, g, seed), selection in selections.items():
         chosen = json.loads((selection / "selection.json").read_text())["chosen"]
@@ -247,16 +286,18 @@ def collect(world, out, stores, selections, adapters, gammas, cpu) -> dict[str, 
             "count": len(keys),
             "target_share": sum(World.domain_of(k) == world.target for k in keys)
             / max(1, len(keys)),
-            "mean_tokens": mean(tokens(texts[k]) for k in keys) if keys else 0.0,
+            "mean_tokens": mean(tokens(texts[k]) for k in keys) if keys and tokens else None,
         }
     auc = {m: ranking_auc(path, world) for m, path in stores.items()}
-    pool_tokens = float(np.mean([tokens(t) for t in list(texts.values())[:2000]]))
+    sample = list(texts.values())[:2000]
+    pool_tokens = float(np.mean([tokens(t) for t in sample])) if tokens else None
+    from batctl.data import open_pool
+
     return {
+        "family": world.family,
         "domain": world.target,
         "base_rate": world.base_rate,
-        "n_adaptation": sum(
-            1 for line in Path(world.adaptation).read_text().splitlines() if line.strip()
-        ),
+        "n_adaptation": sum(1 for _ in open_pool(str(world.adaptation), decode=False)),
         "backbone_heldout_loss": mean(backbone),
         "loss": loss,
         "picks": picks,
@@ -342,7 +383,7 @@ def gain_share(result: dict[str, Any], method: str, g: float) -> float | None:
 def table(result: dict[str, Any], methods: list[str], default: str) -> str:
     seeds, gammas = result["seeds"], result["gammas"]
     lines = [
-        f"### LM world, target domain {result['domain']!r}: n = {result['n_adaptation']}, "
+        f"### {'LM world, target domain' if result.get('family', 'lm') == 'lm' else 'Digits world, target digit'} {result['domain']!r}: n = {result['n_adaptation']}, "
         f"pool base rate {100 * result['base_rate']:.1f}%, bare backbone {result['backbone_heldout_loss']:.4f}",
         "",
         "| method | γ | "
@@ -371,7 +412,8 @@ def table(result: dict[str, Any], methods: list[str], default: str) -> str:
             if None in values:
                 continue
             share = mean(result["picks"][label(method, g, s)]["target_share"] for s in seeds)
-            toks = mean(result["picks"][label(method, g, s)]["mean_tokens"] for s in seeds)
+            counted = [result["picks"][label(method, g, s)]["mean_tokens"] for s in seeds]
+            toks = "-" if None in counted else f"{mean(counted):.1f}"
             gs = gain_share(result, method, g)
             auc = result["auc"].get(method)
             cpu = result["cpu_seconds"].get(method)
@@ -383,10 +425,11 @@ def table(result: dict[str, Any], methods: list[str], default: str) -> str:
                     f" | {diff_cell(None if other == method else paired(result, method, other, g))}"
                     for other in ("none", "random", "bm25", default)
                 )
-                + f" | {'-' if gs is None else f'{100 * gs:.0f}%'} | {100 * share:.0f}% | {toks:.1f}"
+                + f" | {'-' if gs is None else f'{100 * gs:.0f}%'} | {100 * share:.0f}% | {toks}"
                 + f" | {'-' if auc is None else f'{auc:.3f}'} | {'-' if cpu is None else f'{cpu:.1f}'} |"
             )
-    lines.append(f"\npool mean tokens per sample: {result['pool_mean_tokens']:.1f}\n")
+    if result.get("pool_mean_tokens") is not None:
+        lines.append(f"\npool mean tokens per sample: {result['pool_mean_tokens']:.1f}\n")
     return "\n".join(lines)
 
 
@@ -409,7 +452,9 @@ def goal(results: dict[str, dict[str, Any]], default: str, rivals: list[str]) ->
     return out
 
 
-def plot(results: dict[str, dict[str, Any]], methods: list[str], path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, Any]], methods: list[str], path: Path, family: str = "LM"
+) -> None:
     """Gain over none as a share of perfect-target's, method by domain (mean over γ)."""
     import matplotlib
 
@@ -432,7 +477,7 @@ def plot(results: dict[str, dict[str, Any]], methods: list[str], path: Path) -> 
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(domains)) + width * (len(shown) - 1) / 2, domains)
     ax.set_ylabel("% of perfect-target's gain over none")
-    ax.set_title("LM: held-out gain over plain adaptation (mean over γ and seeds)")
+    ax.set_title(f"{family}: held-out gain over plain adaptation (mean over γ and seeds)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
@@ -453,11 +498,23 @@ def log(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
+    parser.add_argument(
+        "--family",
+        choices=("lm", "digits"),
+        default="lm",
+        help="lm: stdlib docstring worlds; digits: the diffusion world, one per target digit",
+    )
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        help=f"target domains (default: {' '.join(DEFAULT_DOMAINS)}; digits: {' '.join(DEFAULT_DIGITS)})",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--gammas", nargs="+", type=float, default=list(GAMMAS))
     parser.add_argument(
-        "--methods", nargs="+", default=[*SCORED_METHODS, "random", "perfect", "none"]
+        "--methods",
+        nargs="+",
+        help=f"default: {' '.join(SCORED_METHODS)} (digits: {' '.join(DIGITS_METHODS)}), random, perfect, none",
     )
     parser.add_argument("--default", default="mmr", help="the method the goal is about")
     parser.add_argument("--out", type=Path, default=Path("runs/bat-quality"))
@@ -474,14 +531,18 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    methods = list(dict.fromkeys([*args.methods, "none", "perfect", "random"]))
+    digits = args.family == "digits"
+    domains = args.domains or list(DEFAULT_DIGITS if digits else DEFAULT_DOMAINS)
+    chosen = args.methods or list(DIGITS_METHODS if digits else SCORED_METHODS)
+    methods = list(dict.fromkeys([*chosen, "none", "perfect", "random"]))
     override = train_recipe(args.train)
     results, markdown = {}, []
-    for domain in args.domains:
+    for domain in domains:
         started = time.monotonic()
         result = run_world(
+            args.family,
             domain,
-            args.out / f"lm-{domain}",
+            args.out / f"{args.family}-{domain}",
             methods,
             args.seeds,
             args.gammas,
@@ -496,7 +557,8 @@ def main() -> None:
         (args.out / f"bat_quality-{domain}.md").write_text(markdown[-1], encoding="utf-8")
     if not results:
         return
-    rivals = [m for m in ("random", "none", *BASELINES) if m in methods and m != args.default]
+    baselines = ("bm25", "embed") if digits else BASELINES
+    rivals = [m for m in ("random", "none", *baselines) if m in methods and m != args.default]
     checked = goal(results, args.default, rivals)
     markdown.append("### Goal (default: " + args.default + ")\n")
     for key, value in checked.items():
@@ -514,7 +576,12 @@ def main() -> None:
         )
         + "\n"
     )
-    plot(results, methods, args.out / "lm-gain-share.png")
+    plot(
+        results,
+        methods,
+        args.out / f"{args.family}-gain-share.png",
+        "Digits (diffusion)" if digits else "LM",
+    )
     print(text)
 
 

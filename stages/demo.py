@@ -23,9 +23,6 @@ from batctl.config import OutputOptions
 log = logging.getLogger("batctl.demo")
 
 PRECONDITIONERS = ("woodbury", "datainf", "identity")
-DEMO_METHODS = ("mmr", "bm25")
-"""What the demo compares by default: batctl's default method (`score --method mmr`) and the
-strongest cheap baseline (benchmarks/bat_quality.py measures them all)."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +45,8 @@ class DemoConfig(OutputOptions):
     gamma: tuple[str, ...] = ("0.5", "0.75", "0.9")
     """γ = n / (n + m) of each augmented training set, D_A's share (m pool samples added; comma lists allowed)."""
 
-    method: tuple[str, ...] = DEMO_METHODS
-    """Selection methods to compare (batctl score --method), each beside random and none."""
+    method: tuple[str, ...] = ()
+    """Selection methods to compare (batctl score --method), each beside random and none; default: batctl's default for the family and the strongest cheap baseline (lm: mmr, bm25; diffusion: influence, embed with the world's CLIP)."""
 
     preconditioner: str = "woodbury"
     """Preconditioner of the gradient methods (influence, hybrid, fusion): woodbury, datainf, identity."""
@@ -75,8 +72,6 @@ class DemoConfig(OutputOptions):
         for name in self.method:
             if name not in METHODS:
                 out.append(f"--method {name}: must be one of {', '.join(METHODS)}")
-        if not self.method:
-            out.append("--method: give at least one")
         if self.reselect_every < 0:
             out.append(f"--reselect-every must be >= 0, got {self.reselect_every}")
         return out
@@ -93,6 +88,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     gammas = parse_gammas(config.gamma)[0]
     world, built = build_world(config.task)
+    methods = config.method or world.demo_methods
     log.info(
         "demo world: %s (%s); target domain %r, %.1f%% of %d pool samples",
         world.root,
@@ -110,11 +106,9 @@ def run(config: DemoConfig) -> dict[str, Any]:
     from batctl.methods import reads_surrogate
 
     surrogate = out / "surrogate"
-    if any(reads_surrogate(name) for name in config.method):
+    if any(reads_surrogate(name) for name in methods):
         run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
-    scores = {
-        name: score_with(name, world, out, surrogate, config, common) for name in config.method
-    }
+    scores = {name: score_with(name, world, out, surrogate, config, common) for name in methods}
     for name, store in scores.items():
         run_stage(
             "select",
@@ -127,7 +121,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     run_stage(
         "select",
         out=out / "select-random",
-        scores=scores[config.method[0]],
+        scores=scores[methods[0]],
         gamma=tuple(str(g) for g in gammas),
         strategy="random",
         seed=config.seed,
@@ -136,11 +130,11 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
     # train: plain, random, each method's, and the oracle θ*
     adapters: dict[str, Any] = {"none": None}
-    strategies = list(config.method)
+    strategies = list(methods)
     dynamic = {}
     if config.reselect_every:
         # The ALBAT loop starts from the first method's selection and re-selects from its store.
-        first = config.method[0]
+        first = methods[0]
         strategies.append(f"{first}-dynamic")
         dynamic[f"{first}-dynamic"] = {
             "reselect_every": config.reselect_every,
@@ -194,6 +188,8 @@ def score_with(
             "preconditioner": config.preconditioner,
             **world.score_flags,
         }
+    if method == "embed" and world.clip is not None:
+        extra["clip"] = world.clip  # CLIP retrieval, as LAION is searched
     path = out / f"scores-{method}"
     run_stage(
         "score",

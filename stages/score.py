@@ -7,6 +7,7 @@ and publishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,10 +40,10 @@ class ScoreConfig(DataOptions):
     out: str | None = None
     """Output directory, or an s3:// (gs://, az://) URL that every shard writes into; manifest.json inside marks it complete."""
 
-    method: Literal["mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"] = (
-        "mmr"
-    )
-    """What ranks the pool: mmr (the --fuse z-score sum, bm25 + tfidf by default, whose top --candidates are re-ranked for --diversity from D_A and from each other: the best on benchmarks/bat_quality.py's dev worlds); fusion (the z-score sum alone; influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
+    method: Literal[
+        "auto", "mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"
+    ] = "auto"
+    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models embed with --clip, else influence. mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
@@ -55,6 +56,9 @@ class ScoreConfig(DataOptions):
 
     fuse: tuple[str, ...] = ()
     """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
+
+    clip: str | None = None
+    """--method embed: a CLIP model (a directory, e.g. a local copy of openai/clip-vit-base-patch32, or `batctl tiny clip DIR`) whose image features replace the backbone's embedding: pool images are ranked by CLIP cosine to the adaptation images' centroid (samples without an image by their text's)."""
 
     surrogate: Path | None = None
     """Surrogate adapter directory (the output of `batctl surrogate`), read by the gradient methods (influence, hybrid, and fusion or mmr when --fuse names influence); any other method ignores it with a warning."""
@@ -95,9 +99,41 @@ class ScoreConfig(DataOptions):
     loss_draws: int = 4
     """Diffusion: (timestep, noise) draws per sample, seeded from the sample key."""
 
+    def resolved(self) -> ScoreConfig:
+        """This config with --method auto replaced by the method it means for the --model's
+        family (raises UsageError when the family cannot be told or has no auto method)."""
+        if self.method != "auto":
+            return self
+        from batctl.errors import UsageError
+        from batctl.methods import auto_method
+        from batctl.tasks import detect_family
+
+        family = detect_family(str(self.model)) if self.task == "auto" else self.task
+        method = auto_method(family, self.clip is not None)
+        if method is None:
+            raise UsageError(
+                f"--clip: CLIP retrieval is for image pools; give --method embed to use it with "
+                f"an {family} model"
+            )
+        return dataclasses.replace(self, method=method)
+
     def problems(self) -> list[str]:
         from batctl.methods.fusion import PARTS
 
+        # auto is checked as the method it means when the family can be told offline; a hub
+        # id is resolved (downloading its config) when the run starts
+        if self.method == "auto" and self.model is not None and Path(str(self.model)).is_dir():
+            try:
+                resolved = self.resolved()
+            except BatctlError as exc:
+                return [*super().problems(), str(exc)]
+            return [
+                f"--method auto runs {resolved.method} for this model: give --surrogate DIR (or "
+                "--clip DIR for CLIP retrieval)"
+                if p.startswith("--surrogate is required")
+                else p
+                for p in resolved.problems()
+            ]
         out = super().problems()
         if self.reads_surrogate and self.surrogate is None:
             out.append(f"--surrogate is required with --method {self.method}")
@@ -117,6 +153,8 @@ class ScoreConfig(DataOptions):
             parse_shard(self.shard)
         except ValueError as exc:
             out.append(f"--shard: {exc}")
+        if self.clip is not None and self.method != "embed":
+            out.append(f"--clip is read by --method embed only, not {self.method}")
         if self.layer_scores and self.method != "influence":
             out.append("--layer-scores needs --method influence (the others have no layers)")
         if self.layer_scores and self.engine == "fd":
@@ -138,6 +176,7 @@ class ScoreConfig(DataOptions):
         kept = {"hybrid": HYBRID_FLAGS, "mmr": MMR_FLAGS}.get(self.method, ())
         for name in sorted({*HYBRID_FLAGS, *MMR_FLAGS} - {*kept, "fuse"}):
             out.pop(name, None)
+        out.pop("clip", None)  # an input (fingerprinted), not a setting
         if self.method == "mmr" or (self.method == "fusion" and self.fuse_parts != FUSE_DEFAULT):
             out["fuse"] = list(self.fuse_parts)
         else:
@@ -209,6 +248,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     from batctl.shards import describe_pool, normalise_params, open_score_partial
 
     # setup: every input checked before any model is loaded
+    config = config.resolved()  # --method auto: the family's method, recorded as itself
     shard, shards = config.shard_of(dict(os.environ))
     fp = config.strict_fingerprints
     method = make_method(config.method)
@@ -227,6 +267,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             "add --fuse influence --fuse bm25 --fuse tfidf, or use --method fusion or influence",
             config.method, ", ".join(config.fuse_parts) or config.method,
         )  # fmt: skip
+    if config.clip is not None:
+        inputs["clip"] = describe_input(config.clip, fp)
     inputs["data"] = describe_data(config.data, fp)
     inputs["pool"] = describe_pool(config.pool, fp)
     if config.target is not None:

@@ -163,15 +163,28 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     from batctl.cli import STAGES
     from batctl.tasks import load_task
 
-    real = dd.pretrain
+    real, real_clip = dd.pretrain, dd.pretrain_clip
     monkeypatch.setattr(dd, "pretrain", lambda *a, **kw: real(*a, **{**kw, "steps": 1}))
+    monkeypatch.setattr(dd, "pretrain_clip", lambda *a, **kw: real_clip(*a, **{**kw, "steps": 1}))
     world, built = build_world("diffusion", seed=0, cache=tmp_path)
     assert built and world.family == "diffusion" and world.target == dd.TARGET
-    assert world.pretraining["steps"] == 1
+    assert world.pretraining["steps"] == 1 and world.pretraining["clip"]["steps"] == 1
+    assert world.demo_methods == ("influence", "embed")
     again, built = dd.digits_world(seed=0, cache=tmp_path)
     assert not built and again == world
-    for path in (world.model, world.adaptation, world.heldout, world.oracle, *world.pool):
+    for path in (
+        world.model,
+        world.clip,
+        world.adaptation,
+        world.heldout,
+        world.oracle,
+        *world.pool,
+    ):
         assert path.exists() and path.is_relative_to(world.root)
+    assert (
+        json.loads((world.clip / "config.json").read_text())["vision_config"]["image_size"]
+        == dd.RESOLUTION
+    )
     for part in ("unet", "vae"):  # no trace of the temporary build directory
         assert "_name_or_path" not in json.loads((world.model / part / "config.json").read_text())
 
@@ -260,8 +273,9 @@ def test_the_table_shows_enough_decimals_to_tell_diffusion_losses_apart(tmp_path
 def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monkeypatch):
     """`batctl demo --task diffusion` end to end, with the recipe cut short (1 pretraining
     step, a few adapter steps): every stage's output, and the table's numbers read back."""
-    real = dd.pretrain
+    real, real_clip = dd.pretrain, dd.pretrain_clip
     monkeypatch.setattr(dd, "pretrain", lambda *a, **kw: real(*a, **{**kw, "steps": 1}))
+    monkeypatch.setattr(dd, "pretrain_clip", lambda *a, **kw: real_clip(*a, **{**kw, "steps": 1}))
     train = {**dd.TRAIN_FLAGS, "steps": 4, "warmup_steps": 1}
     monkeypatch.setitem(dd.RECIPE, "train_flags", train)
     monkeypatch.setitem(dd.RECIPE, "surrogate_flags", train)
@@ -273,8 +287,6 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
         "demo",
         "--task",
         "diffusion",
-        "--method",
-        "influence",
         "--out",
         out,
         "--gamma",
@@ -287,11 +299,16 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     for name in (
         "surrogate",
         "scores-influence",
+        "scores-embed",
         "select-influence",
+        "select-embed",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
+    # the strongest cheap baseline is CLIP retrieval with the world's CLIP
+    embed = json.loads((out / "scores-embed" / "manifest.json").read_text())
+    assert embed["inputs"]["clip"]["path"].endswith("/clip") and "surrogate" not in embed["inputs"]
     assert (
         json.loads((out / "scores-influence" / "manifest.json").read_text())["params"]["loss_draws"]
         == 2
@@ -299,7 +316,7 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
     rows = {r["adapter"]: r for r in results["rows"]}
-    assert set(rows) == {"none", "random-g0.5", "influence-g0.5"}
+    assert set(rows) == {"none", "random-g0.5", "influence-g0.5", "embed-g0.5"}
     for label, row in rows.items():
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()

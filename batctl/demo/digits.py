@@ -15,6 +15,10 @@ text encoder). The oracle set is D_A plus the pool's sevens. The adaptation, hel
 sets are caption-less image folders: the diffusion task captions adaptation-role images with the
 DreamBooth instance prompt (``INSTANCE_PROMPT``).
 
+The world also trains a tiny CLIP on the pool's image/caption pairs (``pretrain_clip``), as
+OpenAI's was trained on web pairs: the CLIP retrieval baseline (``score --method embed --clip``)
+reads it, since no real CLIP can be downloaded here.
+
 The random VAE's latents are far from unit variance (std ~0.08 after SD's 0.18215), which would
 leave the denoising loss nearly blind to the images; like Stable Diffusion's own constant, the
 VAE's ``scaling_factor`` is set to 1 / std of the pool's latent means before pretraining (the
@@ -61,7 +65,7 @@ other digits instead of 0.82 at 4 loss draws), and the 1797 handwritings differ 
 INSTANCE_PROMPT = "a handwritten sks digit"
 
 PRETRAIN = {"steps": 250, "batch_size": 32, "lr": 2e-3, "warmup_steps": 10}
-VERSION = 1
+VERSION = 2
 """Bump when the world's recipe changes, so cached worlds built by the old recipe are not used."""
 
 TRAIN_FLAGS = {
@@ -94,8 +98,12 @@ RECIPE = {
     "oracle_flags": ORACLE_FLAGS,
     "surrogate_flags": TRAIN_FLAGS,
     "score_flags": SCORE_FLAGS,
+    "demo_methods": ("influence", "embed"),
 }
-"""How the demo runs the stages on this world (not part of the world's identity)."""
+"""How the demo runs the stages on this world (not part of the world's identity); the demo
+compares batctl's default for diffusion models without a CLIP (influence) with the strongest
+cheap baseline, CLIP retrieval (embed with the world's CLIP, which is also what --method auto
+runs when --clip is given)."""
 
 
 @dataclass(frozen=True)
@@ -184,15 +192,18 @@ def render_all(seed: int) -> list[Digit]:
     return out
 
 
-def split(digits: list[Digit], seed: int) -> dict[str, list[Digit]]:
-    """Held-out, adaptation, oracle and pool digits (see the module docstring)."""
+def split(digits: list[Digit], seed: int, target_name: str = TARGET) -> dict[str, list[Digit]]:
+    """Held-out, adaptation, oracle and pool digits (see the module docstring), with
+    ``target_name`` (one of NAMES) as the target domain."""
+    if target_name not in NAMES:
+        raise ValueError(f"target must be one of {', '.join(NAMES)}, got {target_name!r}")
     rng = random.Random(seed)
-    target = [d for d in digits if d.domain == TARGET]
+    target = [d for d in digits if d.domain == target_name]
     rng.shuffle(target)
     heldout = target[:N_HELDOUT]
     adaptation = target[N_HELDOUT : N_HELDOUT + N_ADAPTATION]
     in_pool = target[N_HELDOUT + N_ADAPTATION :]
-    pool = [d for d in digits if d.domain != TARGET] + in_pool
+    pool = [d for d in digits if d.domain != target_name] + in_pool
     rng.shuffle(pool)
     return {
         "heldout": heldout,
@@ -229,10 +240,10 @@ def write_tar(path: Path, digits: list[Digit]) -> Path:
     return path
 
 
-def write_data(data: Path, seed: int) -> DigitsData:
+def write_data(data: Path, seed: int, target: str = TARGET) -> DigitsData:
     """Render and split the digits and write the world's data files into ``data`` (created):
     ``adaptation/``, ``heldout/``, ``oracle/`` (image folders) and ``pool-NNN.tar``."""
-    parts = split(render_all(seed), seed)
+    parts = split(render_all(seed), seed, target)
     data.mkdir(parents=True, exist_ok=True)
     pool = parts["pool"]
     size = math.ceil(len(pool) / POOL_PARTS)
@@ -257,6 +268,27 @@ def edit_config(part: Path, **updates: Any) -> None:
     config.pop("_name_or_path", None)
     config.update(updates)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def pretraining_plan(
+    module: Any, count: int, seed: int, *, steps: int, batch_size: int, lr: float, warmup_steps: int
+) -> tuple[Any, Any, Any, Any]:
+    """What the world's pretraining loops share: a generator seeded with ``seed``, the sample
+    order (seeded permutations of ``count`` rows, enough for ``steps`` batches), AdamW over
+    ``module``'s parameters and its warmup-then-cosine schedule. Returns (generator, order,
+    optimizer, schedule)."""
+    import torch
+
+    from batctl.training import warmup_cosine
+
+    epochs = math.ceil(steps * batch_size / count)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(count, generator=gen) for _ in range(epochs)])
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps, steps)
+    )
+    return gen, order, optimizer, schedule
 
 
 def pretrain(
@@ -287,7 +319,6 @@ def pretrain(
 
     from batctl.console import progress_bar
     from batctl.tasks.diffusion import quiet_diffusion_libraries
-    from batctl.training import warmup_cosine
 
     started = time.monotonic()
     quiet_diffusion_libraries()
@@ -325,12 +356,14 @@ def pretrain(
     latents = means * scaling
     which = torch.tensor([distinct.index(c) for c in captions])
 
-    epochs = math.ceil(steps * batch_size / len(images))
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(images), generator=gen) for _ in range(epochs)])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps, steps)
+    gen, order, optimizer, schedule = pretraining_plan(
+        unet,
+        len(images),
+        seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
     )
     unet.train()
     losses = []
@@ -366,14 +399,121 @@ def pretrain(
     }
 
 
-def build(work: Path, seed: int) -> World:
-    """Write the digits world into ``work`` (data files, pretrained backbone); return it."""
-    from batctl.tiny import build_tiny_diffusion
+CLIP_PRETRAIN = {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20}
+"""The world's CLIP (``World.clip``): contrastive training on the pool's images and captions."""
 
-    data = write_data(work / "data", seed)
+
+def pretrain_clip(
+    clip_dir: Path,
+    images: list[bytes],
+    captions: list[str],
+    seed: int,
+    *,
+    steps: int = CLIP_PRETRAIN["steps"],
+    batch_size: int = CLIP_PRETRAIN["batch_size"],
+    lr: float = CLIP_PRETRAIN["lr"],
+    warmup_steps: int = CLIP_PRETRAIN["warmup_steps"],
+) -> dict[str, Any]:
+    """Train the CLIP in ``clip_dir`` (``batctl.tiny.build_tiny_clip``) on image/caption pairs.
+
+    CLIP's symmetric contrastive loss over each batch, with one change for a world of ten
+    captions: pairs whose captions are equal count as matches (the target row is uniform over
+    them) instead of as negatives. AdamW, warmup then cosine, a seeded order; the model is saved
+    over the random one. Returns steps, first and last loss (mean of the last 20) and the share
+    of pool images whose nearest caption is their own (top-1 accuracy over the distinct captions).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel
+
+    from batctl.methods.clip import features, load_processor
+    from batctl.tasks.lm import quiet_libraries
+    from batctl.tiny import _no_progress_bars
+
+    started = time.monotonic()
+    quiet_libraries()
+    model = CLIPModel.from_pretrained(clip_dir)
+    processor = load_processor(clip_dir)
+    pixels = processor(
+        images=[Image.open(io.BytesIO(png)).convert("RGB") for png in images], return_tensors="pt"
+    )["pixel_values"]
+    distinct = sorted(set(captions))
+    tokens = processor(text=distinct, return_tensors="pt", padding=True)
+    which = torch.tensor([distinct.index(c) for c in captions])
+
+    def text_features() -> Any:
+        found = model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        return torch.nn.functional.normalize(features(found), dim=-1)
+
+    _, order, optimizer, schedule = pretraining_plan(
+        model,
+        len(images),
+        seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+    )
+    model.train()
+    losses = []
+    for step in range(steps):
+        rows = order[step * batch_size : (step + 1) * batch_size]
+        image = features(model.get_image_features(pixel_values=pixels[rows]))
+        image = torch.nn.functional.normalize(image, dim=-1)
+        text = text_features()[which[rows]]
+        logits = model.logit_scale.exp() * image @ text.T
+        same = (which[rows][:, None] == which[rows][None, :]).float()
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, target)
+            + torch.nn.functional.cross_entropy(logits.T, target)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        image = torch.cat(
+            [
+                features(model.get_image_features(pixel_values=pixels[i : i + 512]))
+                for i in range(0, len(pixels), 512)
+            ]
+        )
+        nearest = (torch.nn.functional.normalize(image, dim=-1) @ text_features().T).argmax(1)
+    with _no_progress_bars():
+        model.save_pretrained(clip_dir, safe_serialization=True)
+    edit_config(clip_dir)
+    tail = losses[-20:]
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "first_loss": losses[0],
+        "last_loss": sum(tail) / len(tail),
+        "caption_accuracy": float(np.mean((nearest == which).numpy())),
+        "seconds": round(time.monotonic() - started, 1),
+        "images": len(images),
+    }
+
+
+CLIP_DIR = "clip"
+
+
+def build(work: Path, seed: int, target: str = TARGET) -> World:
+    """Write the digits world of ``target`` into ``work`` (data files, pretrained backbone);
+    return it."""
+    from batctl.tiny import build_tiny_clip, build_tiny_diffusion
+
+    data = write_data(work / "data", seed, target)
     model = build_tiny_diffusion(work / "model", seed=seed, resolution=RESOLUTION)
     pool = data.pool_digits
     stats = pretrain(model, [d.png for d in pool], [d.caption for d in pool], seed)
+    clip = build_tiny_clip(work / CLIP_DIR, seed=seed, image_size=RESOLUTION)
+    clip_stats = pretrain_clip(clip, [d.png for d in pool], [d.caption for d in pool], seed)
     return World(
         family="diffusion",
         root=work,
@@ -382,17 +522,18 @@ def build(work: Path, seed: int) -> World:
         heldout=data.heldout,
         oracle=data.oracle,
         pool=data.pool,
-        target=TARGET,
+        target=target,
         pool_domains=data.pool_domains,
         data_flags=dict(DATA_FLAGS),
-        pretraining=stats,
+        pretraining={**stats, "clip": clip_stats},
+        clip=clip,
     )
 
 
-def recipe() -> dict[str, Any]:
+def recipe(target: str = TARGET) -> dict[str, Any]:
     """The constants that shape a world (part of its identity, so editing one rebuilds it)."""
     return {
-        "target": TARGET,
+        "target": target,
         "n_adaptation": N_ADAPTATION,
         "n_heldout": N_HELDOUT,
         "pool_parts": POOL_PARTS,
@@ -400,13 +541,18 @@ def recipe() -> dict[str, Any]:
         "digit_size": DIGIT_SIZE,
         "jitter": JITTER,
         "pretrain": PRETRAIN,
+        "clip_pretrain": CLIP_PRETRAIN,
         "data_flags": DATA_FLAGS,
     }
 
 
-def digits_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]:
-    """The diffusion demo world for ``seed``, from the cache or built now (about a minute on 2
-    cores, most of it pretraining). Returns the world and whether it was built now."""
+def digits_world(
+    seed: int = 0, cache: Path | None = None, target: str = TARGET
+) -> tuple[World, bool]:
+    """The diffusion demo world for ``seed`` and ``target`` digit (one of NAMES), from the cache
+    or built now (about half a minute on 2 cores, most of it pretraining). Each target has its
+    own backbone, pretrained on its own pool, so its held-out images are never in pretraining.
+    Returns the world and whether it was built now."""
     from importlib.metadata import version
 
     from batctl import __version__
@@ -415,7 +561,7 @@ def digits_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]
     params = {
         "family": "diffusion",
         "recipe": VERSION,
-        "constants": recipe(),
+        "constants": recipe(target),
         "seed": seed,
         "data": data_hash(),
         "batctl": __version__,
@@ -424,5 +570,5 @@ def digits_world(seed: int = 0, cache: Path | None = None) -> tuple[World, bool]
             **{name: version(name) for name in ("pillow", "webdataset", "scikit-learn")},
         },
     }
-    world, built = cached_world("digits", params, lambda work: build(work, seed), cache)
+    world, built = cached_world("digits", params, lambda work: build(work, seed, target), cache)
     return world.with_recipe(RECIPE), built

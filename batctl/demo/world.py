@@ -22,7 +22,7 @@ from batctl.errors import BatctlError, UpToDate
 log = logging.getLogger("batctl.demo")
 
 WORLD_FILE = "world.json"
-RECIPE_FIELDS = ("train_flags", "oracle_flags", "surrogate_flags", "score_flags")
+RECIPE_FIELDS = ("train_flags", "oracle_flags", "surrogate_flags", "score_flags", "demo_methods")
 """World fields that come from the family's RECIPE at load time, not from world.json."""
 
 
@@ -76,13 +76,27 @@ class World:
     pretraining: dict[str, Any] = field(default_factory=dict)
     """How the backbone was pretrained (steps, final loss, seconds)."""
 
+    clip: Path | None = None
+    """A CLIP model trained on the pool's image/caption pairs (image worlds), for `score
+    --method embed --clip`: the world's stand-in for OpenAI's CLIP."""
+
+    demo_methods: tuple[str, ...] = ()
+    """What `batctl demo` compares by default: batctl's default method for the family and the
+    strongest cheap baseline on it."""
+
     def with_recipe(self, recipe: Mapping[str, dict[str, Any]]) -> World:
         """This world with the stage flags of ``recipe`` (keys: the ``*_flags`` field names).
 
         The recipe is code, not part of the cached world: tuning a flag reruns the stages, it
         does not rebuild (re-pretrain) the world.
         """
-        return replace(self, **{name: dict(flags) for name, flags in recipe.items()})
+        return replace(
+            self,
+            **{
+                name: tuple(value) if name == "demo_methods" else dict(value)
+                for name, value in recipe.items()
+            },
+        )
 
     @staticmethod
     def domain_of(key: str) -> str:
@@ -103,6 +117,8 @@ class World:
             data.pop(name)
         for name in ("model", "adaptation", "heldout", "oracle"):
             data[name] = str(Path(data[name]).relative_to(self.root))
+        if self.clip is not None:
+            data["clip"] = str(Path(self.clip).relative_to(self.root))
         data["pool"] = [str(Path(p).relative_to(self.root)) for p in self.pool]
         data.pop("root")
         (self.root / WORLD_FILE).write_text(json.dumps(data, indent=2) + "\n")
@@ -115,6 +131,8 @@ class World:
             data.pop(name, None)
         for name in ("model", "adaptation", "heldout", "oracle"):
             data[name] = Path(root) / data[name]
+        if data.get("clip") is not None:
+            data["clip"] = Path(root) / data["clip"]
         data["pool"] = tuple(Path(root) / p for p in data["pool"])
         return cls(root=Path(root), **data)
 

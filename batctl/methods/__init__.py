@@ -23,6 +23,24 @@ SURROGATE_METHODS = ("influence", "hybrid", "fusion")
 """Methods that read --surrogate (the others need no surrogate and no backward pass)."""
 
 
+AUTO_METHODS = {
+    ("lm", False): "mmr",
+    ("diffusion", False): "influence",
+    ("diffusion", True): "embed",
+}
+"""What `score --method auto` runs, by (model family, whether --clip is given): the best measured
+on benchmarks/bat_quality.py's dev worlds. LMs: mmr. Diffusion: a DreamBooth set's images
+come with the instance prompt only, which names no subject a pool caption could match (caption
+bm25 and mmr rank the dev digit's pool images *last*, AUC 0.00-0.50), so the images decide:
+CLIP retrieval when a CLIP model is given, else the surrogate's gradients."""
+
+
+def auto_method(family: str, clip: bool) -> str | None:
+    """The method `--method auto` means for `family` (with --clip or not); None when there is
+    none (a CLIP model for an LM)."""
+    return AUTO_METHODS.get((family, bool(clip)))
+
+
 FUSE_DEFAULTS = {"fusion": ("influence", "bm25", "tfidf"), "mmr": ("bm25", "tfidf")}
 """The --fuse parts of each method that fuses, when the flag is not given."""
 
@@ -77,7 +95,9 @@ __all__ = [
     "Method",
     "Result",
     "Scorer",
+    "AUTO_METHODS",
     "FUSE_DEFAULTS",
+    "auto_method",
     "fuse_parts",
     "make_method",
     "reads_surrogate",

@@ -1,12 +1,13 @@
 """Embedding retrieval as a score-store method: cosine between a pool sample's embedding and the
 centroid of the adaptation samples' embeddings, from the bare backbone (`Task.embed`: an LM's
-last hidden layer averaged over tokens). No surrogate, no backward pass.
+last hidden layer averaged over tokens) or, with `--clip DIR`, from a CLIP model (images by its
+vision tower: how LAION is searched). No surrogate, no backward pass.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,26 @@ def embed_samples(task: Any, samples: Sequence[Sample], role: str, batch_size: i
     return np.stack(out) if out else np.zeros((0, 0))
 
 
+Encoder = Callable[[Sequence[Sample], str], np.ndarray]
+"""(samples, role) -> f64[len(samples), H]: the embeddings a method compares."""
+
+
+def backbone_encoder(task: Any, batch_size: int) -> Encoder:
+    """`Task.embed` of the bare backbone, batched by size."""
+    return lambda samples, role: embed_samples(task, samples, role, batch_size)
+
+
+def clip_encoder(source: str | Path, batch_size: int, instance_prompt: str | None) -> Encoder:
+    """CLIP's image (or, without an image, text) features: `batctl.methods.clip`."""
+    from batctl.methods.clip import ClipEncoder
+
+    encoder = ClipEncoder(source)
+    return lambda samples, role: encoder.encode(samples, batch_size, instance_prompt)
+
+
 class EmbedScorer(Scorer):
-    def __init__(self, task: Any, direction: np.ndarray, n: int, batch_size: int) -> None:
-        self.task, self.direction, self.batch_size = task, direction, batch_size
+    def __init__(self, encode: Encoder, direction: np.ndarray, n: int, family: str) -> None:
+        self.encode, self.direction, self.family = encode, direction, family
         self.n_adaptation = n
 
     def score(self, samples: Sequence[Sample], rows: Sequence[int]) -> list[Result]:
@@ -51,15 +69,13 @@ class EmbedScorer(Scorer):
         if not samples:  # a chunk with nothing readable
             return results
         try:
-            values = unit_rows(embed_samples(self.task, samples, "pool", self.batch_size))
+            values = unit_rows(self.encode(samples, "pool"))
         except BadSampleError:  # one sample the task cannot take: score the rest one by one
             for sample, row in zip(samples, rows, strict=True):
                 try:
                     results += self.score([sample], [row])
                 except BadSampleError:
-                    log.warning(
-                        "skipped %s: the %s task cannot take it", sample.key, self.task.family
-                    )
+                    log.warning("skipped %s: the %s task cannot take it", sample.key, self.family)
                     results.append(None)
             return results
         return [(float(v), None) for v in values @ self.direction]
@@ -69,14 +85,19 @@ class Embed(Method):
     name = "embed"
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
-        from batctl.tasks import load_task
+        if config.clip is not None:
+            encode = clip_encoder(config.clip, config.batch_size, config.instance_prompt)
+            family = "clip"
+        else:
+            from batctl.tasks import load_task
 
-        task = load_task(config.task_settings(), config.task)
-        task.model.eval()
+            task = load_task(config.task_settings(), config.task)
+            task.model.eval()
+            encode, family = backbone_encoder(task, config.batch_size), task.family
         path = work / STATE
         if not path.is_file():
             adaptation = target_samples(config)
-            vectors = unit_rows(embed_samples(task, adaptation, "adaptation", config.batch_size))
+            vectors = unit_rows(encode(adaptation, "adaptation"))
             centroid = vectors.mean(axis=0)
             norm = np.linalg.norm(centroid)
             save_state(
@@ -86,4 +107,4 @@ class Embed(Method):
             )
             log.info("embed: centroid of %d adaptation embeddings", len(adaptation))
         arrays, meta = load_state(path)
-        return EmbedScorer(task, arrays["direction"], int(meta["n_adaptation"]), config.batch_size)
+        return EmbedScorer(encode, arrays["direction"], int(meta["n_adaptation"]), family)
