@@ -49,11 +49,15 @@ def backbone_encoder(task: Any, batch_size: int) -> Encoder:
     return lambda samples, role: embed_samples(task, samples, role, batch_size)
 
 
-def clip_encoder(source: str | Path, batch_size: int, instance_prompt: str | None) -> Encoder:
-    """CLIP's image (or, without an image, text) features: `batctl.methods.clip`."""
+def clip_encoder(
+    source: str | Path, batch_size: int, instance_prompt: str | None, device: str | None
+) -> Encoder:
+    """CLIP's image (or, without an image, text) features: `batctl.methods.clip`, on `device`
+    (--device; default this rank's GPU, else the CPU)."""
     from batctl.methods.clip import ClipEncoder
+    from batctl.tasks.base import pick_device
 
-    encoder = ClipEncoder(source)
+    encoder = ClipEncoder(source, pick_device(device))
     return lambda samples, role: encoder.encode(samples, batch_size, instance_prompt)
 
 
@@ -86,7 +90,9 @@ class Embed(Method):
 
     def prepare(self, work: Path, pool: Any, config: Any) -> Scorer:
         if config.clip is not None:
-            encode = clip_encoder(config.clip, config.batch_size, config.instance_prompt)
+            encode = clip_encoder(
+                config.clip, config.batch_size, config.instance_prompt, config.device
+            )
             family = "clip"
         else:
             from batctl.tasks import load_task
