@@ -60,12 +60,13 @@ DIGITS_METHODS = ("influence", "bm25", "embed", "mmr")
 cheap baselines; tfidf and dsir read the same four-word captions as bm25."""
 
 
-def open_world(family: str, domain: str) -> Any:
-    """The demo world of `family` (lm or digits) with `domain` as its target, seed 0."""
+def open_world(family: str, domain: str, n_adaptation: int | None = None) -> Any:
+    """The demo world of `family` (lm or digits) with `domain` as its target, seed 0 (digits:
+    with `n_adaptation` DreamBooth images instead of the demo's 8)."""
     if family == "digits":
-        from batctl.demo.digits import digits_world
+        from batctl.demo.digits import N_ADAPTATION, digits_world
 
-        return digits_world(0, target=domain)[0]
+        return digits_world(0, target=domain, n_adaptation=n_adaptation or N_ADAPTATION)[0]
     from batctl.demo.lm import lm_world
 
     return lm_world(0, target=domain)[0]
@@ -169,12 +170,13 @@ def run_world(
     gammas: list[float],
     score_only: bool = False,
     train_override: dict[str, Any] | None = None,
+    n_adaptation: int | None = None,
 ) -> dict[str, Any] | None:
     """Every stage for one target domain; returns the collected results. `train_override`
     replaces flags of the world's train recipe (steps, lr, warmup_steps)."""
     from batctl.selection import value_name
 
-    world = open_world(family, domain)
+    world = open_world(family, domain, n_adaptation)
     out.mkdir(parents=True, exist_ok=True)
     common = {"model": str(world.model), **world.data_flags}
     surrogate = out / "surrogate"
@@ -539,6 +541,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bat-quality"))
     parser.add_argument("--score-only", action="store_true", help="stop after the score stores")
     parser.add_argument(
+        "--n-adaptation",
+        type=int,
+        help="digits: DreamBooth images per world (default: the demo's 8)",
+    )
+    parser.add_argument(
         "--train",
         metavar="STEPS,LR,WARMUP",
         help="train every adapter with this recipe instead of the demo's (e.g. 48,3e-3,4: the "
@@ -567,6 +574,7 @@ def main() -> None:
             args.gammas,
             args.score_only,
             override,
+            args.n_adaptation,
         )
         if result is None:
             continue

@@ -327,3 +327,17 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     share = sum(World.domain_of(c["key"]) == dd.TARGET for c in chosen) / len(chosen)
     assert rows["influence-g0.5"]["target_share"] == pytest.approx(share)
     assert results["oracle_heldout_loss"] == pytest.approx(metrics["oracle"]["heldout_loss"])
+
+
+def test_any_digit_can_be_the_target_with_any_number_of_dreambooth_images():
+    digits = dd.render_all(0)
+    parts = dd.split(digits, seed=0, target_name="two", n_adaptation=3)
+    assert len(parts["adaptation"]) == 3 and len(parts["heldout"]) == dd.N_HELDOUT
+    assert {d.domain for d in parts["adaptation"] + parts["heldout"]} == {"two"}
+    twos = sum(d.domain == "two" for d in digits)
+    assert sum(d.domain == "two" for d in parts["pool"]) == twos - 3 - dd.N_HELDOUT
+    assert sum(d.domain == "seven" for d in parts["pool"]) == sum(
+        d.domain == "seven" for d in digits
+    )
+    with pytest.raises(ValueError, match="target must be one of"):
+        dd.split(digits, seed=0, target_name="eleven")

@@ -192,17 +192,19 @@ def render_all(seed: int) -> list[Digit]:
     return out
 
 
-def split(digits: list[Digit], seed: int, target_name: str = TARGET) -> dict[str, list[Digit]]:
+def split(
+    digits: list[Digit], seed: int, target_name: str = TARGET, n_adaptation: int = N_ADAPTATION
+) -> dict[str, list[Digit]]:
     """Held-out, adaptation, oracle and pool digits (see the module docstring), with
-    ``target_name`` (one of NAMES) as the target domain."""
+    ``target_name`` (one of NAMES) as the target domain and ``n_adaptation`` images in D_A."""
     if target_name not in NAMES:
         raise ValueError(f"target must be one of {', '.join(NAMES)}, got {target_name!r}")
     rng = random.Random(seed)
     target = [d for d in digits if d.domain == target_name]
     rng.shuffle(target)
     heldout = target[:N_HELDOUT]
-    adaptation = target[N_HELDOUT : N_HELDOUT + N_ADAPTATION]
-    in_pool = target[N_HELDOUT + N_ADAPTATION :]
+    adaptation = target[N_HELDOUT : N_HELDOUT + n_adaptation]
+    in_pool = target[N_HELDOUT + n_adaptation :]
     pool = [d for d in digits if d.domain != target_name] + in_pool
     rng.shuffle(pool)
     return {
@@ -240,10 +242,12 @@ def write_tar(path: Path, digits: list[Digit]) -> Path:
     return path
 
 
-def write_data(data: Path, seed: int, target: str = TARGET) -> DigitsData:
+def write_data(
+    data: Path, seed: int, target: str = TARGET, n_adaptation: int = N_ADAPTATION
+) -> DigitsData:
     """Render and split the digits and write the world's data files into ``data`` (created):
     ``adaptation/``, ``heldout/``, ``oracle/`` (image folders) and ``pool-NNN.tar``."""
-    parts = split(render_all(seed), seed, target)
+    parts = split(render_all(seed), seed, target, n_adaptation)
     data.mkdir(parents=True, exist_ok=True)
     pool = parts["pool"]
     size = math.ceil(len(pool) / POOL_PARTS)
@@ -503,12 +507,12 @@ def pretrain_clip(
 CLIP_DIR = "clip"
 
 
-def build(work: Path, seed: int, target: str = TARGET) -> World:
-    """Write the digits world of ``target`` into ``work`` (data files, pretrained backbone);
-    return it."""
+def build(work: Path, seed: int, target: str = TARGET, n_adaptation: int = N_ADAPTATION) -> World:
+    """Write the digits world of ``target`` with ``n_adaptation`` DreamBooth images into ``work``
+    (data files, pretrained backbone, CLIP); return it."""
     from batctl.tiny import build_tiny_clip, build_tiny_diffusion
 
-    data = write_data(work / "data", seed, target)
+    data = write_data(work / "data", seed, target, n_adaptation)
     model = build_tiny_diffusion(work / "model", seed=seed, resolution=RESOLUTION)
     pool = data.pool_digits
     stats = pretrain(model, [d.png for d in pool], [d.caption for d in pool], seed)
@@ -530,11 +534,11 @@ def build(work: Path, seed: int, target: str = TARGET) -> World:
     )
 
 
-def recipe(target: str = TARGET) -> dict[str, Any]:
+def recipe(target: str = TARGET, n_adaptation: int = N_ADAPTATION) -> dict[str, Any]:
     """The constants that shape a world (part of its identity, so editing one rebuilds it)."""
     return {
         "target": target,
-        "n_adaptation": N_ADAPTATION,
+        "n_adaptation": n_adaptation,
         "n_heldout": N_HELDOUT,
         "pool_parts": POOL_PARTS,
         "resolution": RESOLUTION,
@@ -547,10 +551,10 @@ def recipe(target: str = TARGET) -> dict[str, Any]:
 
 
 def digits_world(
-    seed: int = 0, cache: Path | None = None, target: str = TARGET
+    seed: int = 0, cache: Path | None = None, target: str = TARGET, n_adaptation: int = N_ADAPTATION
 ) -> tuple[World, bool]:
-    """The diffusion demo world for ``seed`` and ``target`` digit (one of NAMES), from the cache
-    or built now (about half a minute on 2 cores, most of it pretraining). Each target has its
+    """The diffusion demo world for ``seed``, ``target`` digit (one of NAMES) and
+    ``n_adaptation`` DreamBooth images, from the cache or built now (about half a minute on 2 cores, most of it pretraining). Each target has its
     own backbone, pretrained on its own pool, so its held-out images are never in pretraining.
     Returns the world and whether it was built now."""
     from importlib.metadata import version
@@ -561,7 +565,7 @@ def digits_world(
     params = {
         "family": "diffusion",
         "recipe": VERSION,
-        "constants": recipe(target),
+        "constants": recipe(target, n_adaptation),
         "seed": seed,
         "data": data_hash(),
         "batctl": __version__,
@@ -570,5 +574,7 @@ def digits_world(
             **{name: version(name) for name in ("pillow", "webdataset", "scikit-learn")},
         },
     }
-    world, built = cached_world("digits", params, lambda work: build(work, seed, target), cache)
+    world, built = cached_world(
+        "digits", params, lambda work: build(work, seed, target, n_adaptation), cache
+    )
     return world.with_recipe(RECIPE), built
