@@ -385,9 +385,10 @@ def gain_share(result: dict[str, Any], method: str, g: float) -> float | None:
 
 def table(result: dict[str, Any], methods: list[str], default: str) -> str:
     seeds, gammas = result["seeds"], result["gammas"]
+    p = 4 if result.get("family", "lm") == "lm" else 6  # a denoising loss moves in 1e-5s
     lines = [
         f"### {'LM world, target domain' if result.get('family', 'lm') == 'lm' else 'Digits world, target digit'} {result['domain']!r}: n = {result['n_adaptation']}, "
-        f"pool base rate {100 * result['base_rate']:.1f}%, bare backbone {result['backbone_heldout_loss']:.4f}",
+        f"pool base rate {100 * result['base_rate']:.1f}%, bare backbone {result['backbone_heldout_loss']:.{p}f}",
         "",
         "| method | γ | "
         + " | ".join(f"seed {s}" for s in seeds)
@@ -398,13 +399,13 @@ def table(result: dict[str, Any], methods: list[str], default: str) -> str:
     def diff_cell(d: dict[str, float] | None) -> str:
         if d is None:
             return "-"
-        return f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}] {d['wins']}/{len(seeds)}"
+        return f"{d['mean']:+.{p}f} [{d['min']:+.{p}f}, {d['max']:+.{p}f}] {d['wins']}/{len(seeds)}"
 
     values = [result["loss"].get(label("none", None, s)) for s in seeds]
     lines.append(
         "| none | 1.0 | "
-        + " | ".join(f"{v:.4f}" if v is not None else "-" for v in values)
-        + f" | {mean(v for v in values if v is not None):.4f} |"
+        + " | ".join(f"{v:.{p}f}" if v is not None else "-" for v in values)
+        + f" | {mean(v for v in values if v is not None):.{p}f} |"
         + " - |" * 9
     )
     for method in methods:
@@ -422,8 +423,8 @@ def table(result: dict[str, Any], methods: list[str], default: str) -> str:
             cpu = result["cpu_seconds"].get(method)
             lines.append(
                 f"| {method} | {g} | "
-                + " | ".join(f"{v:.4f}" for v in values)
-                + f" | {mean(values):.4f}"
+                + " | ".join(f"{v:.{p}f}" for v in values)
+                + f" | {mean(values):.{p}f}"
                 + "".join(
                     f" | {diff_cell(None if other == method else paired(result, method, other, g))}"
                     for other in ("none", "random", "bm25", default)
