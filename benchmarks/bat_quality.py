@@ -92,6 +92,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mmr-d5": {"method": "mmr", "diversity": 0.5},
     "mmr-d85": {"method": "mmr", "diversity": 0.85},
     "mmr-influence": {"method": "mmr", "fuse": ("influence", "bm25", "tfidf")},
+    "fusion-clip": {"method": "fusion", "fuse": ("influence", "embed")},
 }
 """Benchmark names for score flags other than a bare --method (ablations)."""
 
@@ -110,7 +111,7 @@ def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[P
     flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
     if reads_surrogate(flags["method"], flags.get("fuse", ())):
         flags.update(surrogate=surrogate, **world.score_flags)
-    if flags["method"] == "embed" and world.clip is not None:
+    if "embed" in (flags["method"], *flags.get("fuse", ())) and world.clip is not None:
         flags["clip"] = str(world.clip)  # CLIP retrieval, as LAION is searched
     started = time.process_time()
     done_before = (path / "manifest.json").is_file()

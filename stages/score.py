@@ -43,7 +43,7 @@ class ScoreConfig(DataOptions):
     method: Literal[
         "auto", "mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"
     ] = "auto"
-    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models embed with --clip, else influence. mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
+    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models fusion of influence and CLIP retrieval (--fuse influence --fuse embed) with --surrogate and --clip, else embed with --clip, else influence. mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
@@ -55,7 +55,7 @@ class ScoreConfig(DataOptions):
     """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.7: best of 0.3/0.5/0.7/0.85 on the dev worlds)."""
 
     fuse: tuple[str, ...] = ()
-    """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
+    """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf, embed (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
 
     clip: str | None = None
     """--method embed: a CLIP model (a directory, e.g. a local copy of openai/clip-vit-base-patch32, or `batctl tiny clip DIR`) whose image features replace the backbone's embedding: pool images are ranked by CLIP cosine to the adaptation images' centroid (samples without an image by their text's)."""
@@ -109,13 +109,14 @@ class ScoreConfig(DataOptions):
         from batctl.tasks import detect_family
 
         family = detect_family(str(self.model)) if self.task == "auto" else self.task
-        method = auto_method(family, self.clip is not None)
-        if method is None:
+        chosen = auto_method(family, self.clip is not None, self.surrogate is not None)
+        if chosen is None:
             raise UsageError(
                 f"--clip: CLIP retrieval is for image pools; give --method embed to use it with "
                 f"an {family} model"
             )
-        return dataclasses.replace(self, method=method)
+        method, fuse = chosen
+        return dataclasses.replace(self, method=method, fuse=fuse or self.fuse)
 
     def problems(self) -> list[str]:
         from batctl.methods.fusion import PARTS
@@ -153,8 +154,10 @@ class ScoreConfig(DataOptions):
             parse_shard(self.shard)
         except ValueError as exc:
             out.append(f"--shard: {exc}")
-        if self.clip is not None and self.method != "embed":
-            out.append(f"--clip is read by --method embed only, not {self.method}")
+        if self.clip is not None and self.method != "embed" and "embed" not in self.fuse_parts:
+            out.append(
+                f"--clip is read by --method embed (or a --fuse naming embed), not {self.method}"
+            )
         if self.layer_scores and self.method != "influence":
             out.append("--layer-scores needs --method influence (the others have no layers)")
         if self.layer_scores and self.engine == "fd":

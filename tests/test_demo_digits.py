@@ -169,7 +169,8 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     world, built = build_world("diffusion", seed=0, cache=tmp_path)
     assert built and world.family == "diffusion" and world.target == dd.TARGET
     assert world.pretraining["steps"] == 1 and world.pretraining["clip"]["steps"] == 1
-    assert world.demo_methods == ("influence", "embed")
+    assert world.demo_methods == ("fusion", "embed")
+    assert world.fuse_of("fusion") == ("influence", "embed") and world.fuse_of("embed") == ()
     again, built = dd.digits_world(seed=0, cache=tmp_path)
     assert not built and again == world
     for path in (
@@ -298,9 +299,9 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     assert "BAT demo (diffusion): target domain 'seven'" in table
     for name in (
         "surrogate",
-        "scores-influence",
+        "scores-fusion",
         "scores-embed",
-        "select-influence",
+        "select-fusion",
         "select-embed",
         "select-random",
         "oracle",
@@ -309,23 +310,25 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     # the strongest cheap baseline is CLIP retrieval with the world's CLIP
     embed = json.loads((out / "scores-embed" / "manifest.json").read_text())
     assert embed["inputs"]["clip"]["path"].endswith("/clip") and "surrogate" not in embed["inputs"]
-    assert (
-        json.loads((out / "scores-influence" / "manifest.json").read_text())["params"]["loss_draws"]
-        == 2
-    )
+    fusion = json.loads((out / "scores-fusion" / "manifest.json").read_text())
+    assert fusion["params"]["loss_draws"] == 2 and fusion["params"]["fuse"] == [
+        "influence",
+        "embed",
+    ]
+    assert {"surrogate", "clip"} <= set(fusion["inputs"])
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
     rows = {r["adapter"]: r for r in results["rows"]}
-    assert set(rows) == {"none", "random-g0.5", "influence-g0.5", "embed-g0.5"}
+    assert set(rows) == {"none", "random-g0.5", "fusion-g0.5", "embed-g0.5"}
     for label, row in rows.items():
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()
-    chosen = json.loads((out / "select-influence" / "gamma-0.5" / "selection.json").read_text())[
+    chosen = json.loads((out / "select-fusion" / "gamma-0.5" / "selection.json").read_text())[
         "chosen"
     ]
-    assert rows["influence-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
+    assert rows["fusion-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
     share = sum(World.domain_of(c["key"]) == dd.TARGET for c in chosen) / len(chosen)
-    assert rows["influence-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["fusion-g0.5"]["target_share"] == pytest.approx(share)
     assert results["oracle_heldout_loss"] == pytest.approx(metrics["oracle"]["heldout_loss"])
 
 

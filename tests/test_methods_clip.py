@@ -106,7 +106,10 @@ def test_clip_is_refused_by_methods_that_do_not_read_it(cli, setup, tmp_path):
         "score", "--model", setup["model"], "--data", setup["data"], "--pool", setup["pool"],
         "--method", "bm25", "--clip", setup["clip"], "--out", tmp_path / "s",
     )  # fmt: skip
-    assert result.exit_code == 2 and "--clip is read by --method embed only" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "--clip is read by --method embed (or a --fuse naming embed)" in result.stderr
+    )
     assert not (tmp_path / "s").exists()
 
 
@@ -149,6 +152,20 @@ def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
         manifest["params"]["method"] == "embed"
         and ScoreStore.open(tmp_path / "b").group.attrs["method"] == "embed"
     )
+    # with the surrogate too: the z-sum of influence and CLIP retrieval
+    trained = cli(
+        "surrogate", "--model", setup["model"], "--data", setup["data"], "--resolution", "16",
+        "--instance-prompt", "a photo of sks toy", "--steps", "2", "--batch-size", "2",
+        "--out", tmp_path / "surrogate",
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.stderr
+    both = cli(
+        *base, "--clip", setup["clip"], "--surrogate", tmp_path / "surrogate", "--loss-draws", "1",
+        "--out", tmp_path / "d",
+    )  # fmt: skip
+    assert both.exit_code == 0, both.stderr
+    params = json.loads((tmp_path / "d" / "manifest.json").read_text())["params"]
+    assert params["method"] == "fusion" and params["fuse"] == ["influence", "embed"]
     from batctl.tiny import build_tiny_lm
 
     lm = build_tiny_lm(tmp_path / "lm")
@@ -168,3 +185,30 @@ def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
         tmp_path / "c",
     )
     assert refused.exit_code == 2 and "--clip: CLIP retrieval is for image pools" in refused.stderr
+
+
+def test_fusion_adds_the_z_scores_of_clip_retrieval_and_caption_bm25(cli, setup, tmp_path):
+    """--fuse embed --fuse bm25 with --clip: each row's score is the sum of its two z-scores,
+    each standardised over the pool, from the stores the two methods write alone."""
+    base = (
+        "score", "--model", setup["model"], "--data", setup["data"], "--pool", setup["pool"],
+        "--instance-prompt", "a photo of sks toy", "--resolution", "16", "--clip", setup["clip"],
+    )  # fmt: skip
+    runs = {
+        "fusion": ("--method", "fusion", "--fuse", "embed", "--fuse", "bm25"),
+        "embed": ("--method", "embed"),
+        "bm25": ("--method", "bm25"),
+    }
+    stores = {}
+    for name, flags in runs.items():
+        args = [*base, *flags, "--out", tmp_path / name]
+        if name == "bm25":  # bm25 alone reads no CLIP
+            args = [a for a in args if a not in ("--clip", setup["clip"])]
+        result = cli(*args)
+        assert result.exit_code == 0, result.stderr
+        stores[name] = ScoreStore.open(tmp_path / name).column("score").astype(np.float64)
+
+    def z(values):
+        return (values - values.mean()) / (values.std() or 1.0)
+
+    np.testing.assert_allclose(stores["fusion"], z(stores["embed"]) + z(stores["bm25"]), atol=1e-5)

@@ -98,12 +98,13 @@ RECIPE = {
     "oracle_flags": ORACLE_FLAGS,
     "surrogate_flags": TRAIN_FLAGS,
     "score_flags": SCORE_FLAGS,
-    "demo_methods": ("influence", "embed"),
+    "demo_methods": ("fusion", "embed"),
+    "method_flags": {"fusion": {"fuse": ("influence", "embed")}},
 }
 """How the demo runs the stages on this world (not part of the world's identity); the demo
-compares batctl's default for diffusion models without a CLIP (influence) with the strongest
-cheap baseline, CLIP retrieval (embed with the world's CLIP, which is also what --method auto
-runs when --clip is given)."""
+compares batctl's default for a diffusion model given a surrogate and a CLIP (`score --method
+auto`: the z-sum of influence and CLIP retrieval) with the strongest cheap baseline, CLIP
+retrieval alone (embed with the world's CLIP)."""
 
 
 @dataclass(frozen=True)

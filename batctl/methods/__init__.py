@@ -8,7 +8,7 @@
 | `dsir` | DSIR's hashed n-gram log importance weight | text / captions |
 | `embed` | backbone embedding cosine to the adaptation centroid | the backbone |
 | `hybrid` | the --prefilter's top --candidates, re-ranked by influence | --surrogate |
-| `fusion` | the sum of the z-scores of influence, bm25 and tfidf | --surrogate |
+| `fusion` | the sum of the z-scores of the --fuse parts (influence, bm25, tfidf; or embed) | --surrogate if influence is a part |
 | `mmr` | fusion's top --candidates, re-ranked for --diversity from D_A and each other | --surrogate if --fuse names influence |
 """
 
@@ -23,22 +23,26 @@ SURROGATE_METHODS = ("influence", "hybrid", "fusion")
 """Methods that read --surrogate (the others need no surrogate and no backward pass)."""
 
 
-AUTO_METHODS = {
-    ("lm", False): "mmr",
-    ("diffusion", False): "influence",
-    ("diffusion", True): "embed",
+AUTO_METHODS: dict[tuple[str, bool, bool], tuple[str, tuple[str, ...]]] = {
+    ("lm", False, False): ("mmr", ()),
+    ("lm", False, True): ("mmr", ()),
+    ("diffusion", False, False): ("influence", ()),
+    ("diffusion", False, True): ("influence", ()),
+    ("diffusion", True, False): ("embed", ()),
+    ("diffusion", True, True): ("fusion", ("influence", "embed")),
 }
-"""What `score --method auto` runs, by (model family, whether --clip is given): the best measured
-on benchmarks/bat_quality.py's dev worlds. LMs: mmr. Diffusion: a DreamBooth set's images
-come with the instance prompt only, which names no subject a pool caption could match (caption
-bm25 and mmr rank the dev digit's pool images *last*, AUC 0.00-0.50), so the images decide:
-CLIP retrieval when a CLIP model is given, else the surrogate's gradients."""
+"""What `score --method auto` runs, by (model family, --clip given, --surrogate given): the
+method and its --fuse parts, the best measured on benchmarks/bat_quality.py's dev worlds. LMs:
+mmr. Diffusion: a DreamBooth set's images come with the instance prompt only, which names no
+subject a pool caption could match (caption bm25 and mmr rank the dev digit's pool images at
+AUC 0.50 and 0.00), so the images decide: the z-sum of the surrogate's gradients and CLIP
+retrieval when both are given, else whichever is (influence needs the surrogate)."""
 
 
-def auto_method(family: str, clip: bool) -> str | None:
-    """The method `--method auto` means for `family` (with --clip or not); None when there is
-    none (a CLIP model for an LM)."""
-    return AUTO_METHODS.get((family, bool(clip)))
+def auto_method(family: str, clip: bool, surrogate: bool) -> tuple[str, tuple[str, ...]] | None:
+    """The (method, --fuse parts) `--method auto` means for `family` with or without --clip
+    and --surrogate; None when there is none (a CLIP model for an LM)."""
+    return AUTO_METHODS.get((family, bool(clip), bool(surrogate)))
 
 
 FUSE_DEFAULTS = {"fusion": ("influence", "bm25", "tfidf"), "mmr": ("bm25", "tfidf")}

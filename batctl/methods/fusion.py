@@ -32,8 +32,8 @@ from batctl.methods.base import Method, Result, Scorer
 log = logging.getLogger("batctl.score")
 
 STATE = "fusion.safetensors"
-PARTS = ("influence", "bm25", "tfidf")
-"""The methods --fuse may name (and its default)."""
+PARTS = ("influence", "bm25", "tfidf", "embed")
+"""The methods --fuse may name (embed: the backbone's, or CLIP's with --clip)."""
 INFLUENCE_SAMPLE = 512
 """Rows whose influence scores estimate influence's mean and spread."""
 
