@@ -296,6 +296,22 @@ def pretraining_plan(
     return gen, order, optimizer, schedule
 
 
+def pretraining_stats(
+    losses: list[float], batch_size: int, started: float, images: int
+) -> dict[str, Any]:
+    """What a pretraining loop reports: steps, batch size, first loss, last loss (mean of the
+    last 20 steps), wall seconds since ``started`` (time.monotonic) and the image count."""
+    tail = losses[-20:]
+    return {
+        "steps": len(losses),
+        "batch_size": batch_size,
+        "first_loss": losses[0],
+        "last_loss": sum(tail) / len(tail),
+        "seconds": round(time.monotonic() - started, 1),
+        "images": images,
+    }
+
+
 def pretrain(
     model_dir: Path,
     images: list[bytes],
@@ -392,14 +408,8 @@ def pretrain(
     unet.eval()
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
     edit_config(model_dir / "unet")  # no _name_or_path: the build directory is temporary
-    tail = losses[-20:]
     return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "first_loss": losses[0],
-        "last_loss": sum(tail) / len(tail),
-        "seconds": round(time.monotonic() - started, 1),
-        "images": len(images),
+        **pretraining_stats(losses, batch_size, started, len(images)),
         "scaling_factor": scaling,
     }
 
@@ -493,15 +503,10 @@ def pretrain_clip(
     with _no_progress_bars():
         model.save_pretrained(clip_dir, safe_serialization=True)
     edit_config(clip_dir)
-    tail = losses[-20:]
+    accuracy = float(np.mean((nearest == which).numpy()))
     return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "first_loss": losses[0],
-        "last_loss": sum(tail) / len(tail),
-        "caption_accuracy": float(np.mean((nearest == which).numpy())),
-        "seconds": round(time.monotonic() - started, 1),
-        "images": len(images),
+        **pretraining_stats(losses, batch_size, started, len(images)),
+        "caption_accuracy": accuracy,
     }
 
 
