@@ -40,8 +40,8 @@ bench-quality: install
 	$(PYTHON) benchmarks/train_recipe.py
 	$(PYTHON) benchmarks/bat_quality.py
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit
-	$(PYTHON) benchmarks/bat_quality.py --family digits --default influence --out runs/bat-quality-digits
-	$(PYTHON) benchmarks/bat_quality.py --family digits --default influence --train 160,1e-2,8 --out runs/bat-quality-digits-long
+	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
+	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long
 
 bench-reselect: install
 	$(PYTHON) benchmarks/reselect_curves.py

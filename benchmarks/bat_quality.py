@@ -55,9 +55,10 @@ GAMMAS = (0.5, 0.75)
 BASELINES = ("bm25", "tfidf", "dsir", "embed")
 SCORED_METHODS = ("influence", *BASELINES, "hybrid", "fusion", "mmr")
 """Methods with a score store of their own (select takes their top)."""
-DIGITS_METHODS = ("influence", "bm25", "embed", "mmr")
-"""The diffusion world's: caption BM25 and CLIP retrieval (embed with the world's CLIP) are its
-cheap baselines; tfidf and dsir read the same four-word captions as bm25."""
+DIGITS_METHODS = ("fusion-clip", "influence", "bm25", "embed", "mmr")
+"""The diffusion world's: batctl's default given a surrogate and a CLIP (fusion-clip), influence,
+caption BM25 and CLIP retrieval (embed with the world's CLIP), and stop 18's default (mmr);
+tfidf and dsir read the same four-word captions as bm25."""
 
 
 def open_world(family: str, domain: str, n_adaptation: int | None = None) -> Any:
@@ -111,8 +112,7 @@ def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[P
     flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
     if reads_surrogate(flags["method"], flags.get("fuse", ())):
         flags.update(surrogate=surrogate, **world.score_flags)
-    if "embed" in (flags["method"], *flags.get("fuse", ())) and world.clip is not None:
-        flags["clip"] = str(world.clip)  # CLIP retrieval, as LAION is searched
+    flags.update(world.clip_flags(flags["method"], flags.get("fuse", ())))
     started = time.process_time()
     done_before = (path / "manifest.json").is_file()
     stage(
@@ -539,7 +539,11 @@ def main() -> None:
         nargs="+",
         help=f"default: {' '.join(SCORED_METHODS)} (digits: {' '.join(DIGITS_METHODS)}), random, perfect, none",
     )
-    parser.add_argument("--default", default="mmr", help="the method the goal is about")
+    parser.add_argument(
+        "--default",
+        help="the method the goal is about (default: mmr; digits: fusion-clip, what score "
+        "--method auto runs given a surrogate and a CLIP)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bat-quality"))
     parser.add_argument("--score-only", action="store_true", help="stop after the score stores")
     parser.add_argument(
@@ -560,6 +564,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     digits = args.family == "digits"
+    args.default = args.default or ("fusion-clip" if digits else "mmr")
     domains = args.domains or list(DEFAULT_DIGITS if digits else DEFAULT_DOMAINS)
     chosen = args.methods or list(DIGITS_METHODS if digits else SCORED_METHODS)
     methods = list(dict.fromkeys([*chosen, "none", "perfect", "random"]))

@@ -46,7 +46,7 @@ class DemoConfig(OutputOptions):
     """γ = n / (n + m) of each augmented training set, D_A's share (m pool samples added; comma lists allowed)."""
 
     method: tuple[str, ...] = ()
-    """Selection methods to compare (batctl score --method), each beside random and none; default: batctl's default for the family and the strongest cheap baseline (lm: mmr, bm25; diffusion: influence, embed with the world's CLIP)."""
+    """Selection methods to compare (batctl score --method), each beside random and none; default: batctl's default for the family and the strongest cheap baseline (lm: mmr, bm25; diffusion: fusion of influence and CLIP retrieval, and embed, with the world's CLIP)."""
 
     preconditioner: str = "woodbury"
     """Preconditioner of the gradient methods (influence, hybrid, fusion): woodbury, datainf, identity."""
@@ -185,8 +185,7 @@ def score_with(
     fuse = world.fuse_of(method)
     if reads_surrogate(method, fuse):
         extra.update(surrogate=surrogate, preconditioner=config.preconditioner, **world.score_flags)
-    if "embed" in (method, *fuse) and world.clip is not None:
-        extra["clip"] = world.clip  # CLIP retrieval, as LAION is searched
+    extra.update(world.clip_flags(method, fuse))
     path = out / f"scores-{method}"
     run_stage(
         "score",

@@ -25,8 +25,6 @@ INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normaliz
 """Flags only the gradient methods read."""
 HYBRID_FLAGS = ("prefilter", "candidates")
 MMR_FLAGS = ("candidates", "diversity", "fuse")
-FUSE_DEFAULT = ("influence", "bm25", "tfidf")
-"""fusion's parts when --fuse is not given (its store params omit them then)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +178,11 @@ class ScoreConfig(DataOptions):
         for name in sorted({*HYBRID_FLAGS, *MMR_FLAGS} - {*kept, "fuse"}):
             out.pop(name, None)
         out.pop("clip", None)  # an input (fingerprinted), not a setting
-        if self.method == "mmr" or (self.method == "fusion" and self.fuse_parts != FUSE_DEFAULT):
+        from batctl.methods import FUSE_DEFAULTS
+
+        if self.method == "mmr" or (
+            self.method == "fusion" and self.fuse_parts != FUSE_DEFAULTS["fusion"]
+        ):
             out["fuse"] = list(self.fuse_parts)
         else:
             out.pop("fuse", None)  # fusion's default parts are implied (stores before --fuse)

@@ -560,9 +560,10 @@ def digits_world(
     seed: int = 0, cache: Path | None = None, target: str = TARGET, n_adaptation: int = N_ADAPTATION
 ) -> tuple[World, bool]:
     """The diffusion demo world for ``seed``, ``target`` digit (one of NAMES) and
-    ``n_adaptation`` DreamBooth images, from the cache or built now (about half a minute on 2 cores, most of it pretraining). Each target has its
-    own backbone, pretrained on its own pool, so its held-out images are never in pretraining.
-    Returns the world and whether it was built now."""
+    ``n_adaptation`` DreamBooth images, from the cache or built now (about 40 s on 2 cores, most
+    of it pretraining the UNet and the CLIP). Each target has its own backbone, pretrained on
+    its own pool, so its held-out images are never in pretraining. Returns the world and whether
+    it was built now."""
     from importlib.metadata import version
 
     from batctl import __version__

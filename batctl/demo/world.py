@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,13 @@ class World:
     def fuse_of(self, method: str) -> tuple[str, ...]:
         """The --fuse parts the demo gives `method` on this world (() for the method's own)."""
         return tuple(self.method_flags.get(method, {}).get("fuse", ()))
+
+    def clip_flags(self, method: str, fuse: Sequence[str] = ()) -> dict[str, Any]:
+        """{"clip": the world's CLIP} when `method` or one of its --fuse parts is embed and the
+        world has a CLIP (CLIP retrieval, as LAION is searched), else {}."""
+        if self.clip is None or "embed" not in (method, *fuse):
+            return {}
+        return {"clip": str(self.clip)}
 
     @staticmethod
     def domain_of(key: str) -> str:
