@@ -37,10 +37,13 @@ bench: install
 	$(PYTHON) benchmarks/score_throughput.py
 
 bench-quality: install
-	$(PYTHON) benchmarks/train_recipe.py
+	$(PYTHON) benchmarks/train_recipe.py --with mmr --steps 8 16 24 48 96 --out runs/train-recipe-mmr
+	$(PYTHON) benchmarks/train_recipe.py --family digits --out runs/train-recipe-digits
 	$(PYTHON) benchmarks/bat_quality.py
+	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
+	$(PYTHON) benchmarks/bat_quality.py --family digits --train 40,1e-3,4 --out runs/bat-quality-digits-40
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long
 
 bench-reselect: install
