@@ -6,13 +6,15 @@ demo's dev digit, n = 8 images), D_A is split into --folds folds; for every reci
 (steps × lr) and fold, plain adaptation (`batctl train` without a selection) is trained on the
 other folds and `batctl eval` measures its loss on the held-back fold. The recipe with the
 lowest cross-validated loss, averaged over the worlds, is the one the demo and
-benchmarks/bat_quality.py use. With --with METHOD each fold trains as BAT would, on the fold's
-D_A plus the backbone samples METHOD selects for it at γ --gamma (scored against the fold's D_A
-only: the held-back fold is never read before its evaluation). The bare backbone's loss on each fold is reported beside it:
-a recipe that ends above it makes the adapter worse than no training.
+benchmarks/bat_quality.py use. The bare backbone's loss on each fold is reported beside it: a
+recipe that ends above it makes the adapter worse than no training.
+
+With --with METHOD each fold trains as BAT would: on the fold's D_A plus the backbone samples
+METHOD selects for it at γ --gamma, scored against the fold's D_A only (the held-back fold is
+never read before its evaluation). METHOD must be one that needs no surrogate.
 
     python benchmarks/train_recipe.py [--family lm|digits] [--domains logging email ...]
-        [--out runs/train-recipe]
+        [--with mmr [--gamma 0.5]] [--steps 8 16 ...] [--lrs 1e-3 ...] [--out runs/train-recipe]
 
 Prints a markdown table (mean CV loss per world and recipe) and writes train_recipe.json.
 """
@@ -147,6 +149,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     family = args.family
+    if args.method:
+        from batctl.methods import METHODS, reads_surrogate
+
+        flags = VARIANTS.get(args.method, {"method": args.method})
+        if flags["method"] not in METHODS:
+            parser.error(f"--with {args.method}: not a method ({', '.join(METHODS)})")
+        if reads_surrogate(flags["method"], flags.get("fuse", ())):
+            parser.error(f"--with {args.method}: reads a surrogate; give a method that does not")
     domains = args.domains or list(DEV_DIGITS if family == "digits" else DEV_DOMAINS)
     recipes = [(s, lr) for s in args.steps or STEPS[family] for lr in args.lrs or LRS[family]]
     results = {}
