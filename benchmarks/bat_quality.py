@@ -90,7 +90,7 @@ def stage(name: str, **flags: Any) -> None:
 VARIANTS: dict[str, dict[str, Any]] = {
     "fusion-lex": {"method": "fusion", "fuse": ("bm25", "tfidf")},
     "mmr-d3": {"method": "mmr", "diversity": 0.3},
-    "mmr-d5": {"method": "mmr", "diversity": 0.5},
+    "mmr-d7": {"method": "mmr", "diversity": 0.7},
     "mmr-d85": {"method": "mmr", "diversity": 0.85},
     "mmr-influence": {"method": "mmr", "fuse": ("influence", "bm25", "tfidf")},
     "fusion-clip": {"method": "fusion", "fuse": ("influence", "embed")},

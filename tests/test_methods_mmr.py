@@ -125,7 +125,7 @@ def test_mmr_needs_a_surrogate_only_when_fuse_names_influence(setup, cli_module,
     result = cli_module(*common, "--out", tmp_path / "c")
     assert result.exit_code == 0, result.stderr
     params = json.loads((tmp_path / "c" / "manifest.json").read_text())["params"]
-    assert params["fuse"] == ["bm25", "tfidf"] and params["diversity"] == 0.7
+    assert params["fuse"] == ["bm25", "tfidf"] and params["diversity"] == 0.5
     assert params["candidates"] == 256 and "prefilter" not in params and "damping" not in params
     result = cli_module(*common, "--fuse", "bm25", "--fuse", "tfidf", "--diversity", "1",
                         "--candidates", "0", "--out", tmp_path / "b")  # fmt: skip
