@@ -38,6 +38,8 @@ bench: install
 
 bench-quality: install
 	$(PYTHON) benchmarks/train_recipe.py --with mmr --steps 8 16 24 48 96 --out runs/train-recipe-mmr
+	$(PYTHON) benchmarks/train_recipe.py --with bm25 --steps 8 16 24 48 96 --out runs/train-recipe-bm25
+	$(PYTHON) benchmarks/train_recipe.py --with tfidf --steps 8 16 24 48 96 --out runs/train-recipe-tfidf
 	$(PYTHON) benchmarks/train_recipe.py --family digits --out runs/train-recipe-digits
 	$(PYTHON) benchmarks/bat_quality.py
 	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv
