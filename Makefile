@@ -37,6 +37,7 @@ bench: install
 	$(PYTHON) benchmarks/score_throughput.py
 
 bench-quality: install
+	$(PYTHON) benchmarks/train_recipe.py
 	$(PYTHON) benchmarks/train_recipe.py --with mmr --steps 8 16 24 48 96 --out runs/train-recipe-mmr
 	$(PYTHON) benchmarks/train_recipe.py --with bm25 --steps 8 16 24 48 96 --out runs/train-recipe-bm25
 	$(PYTHON) benchmarks/train_recipe.py --with tfidf --steps 8 16 24 48 96 --out runs/train-recipe-tfidf
