@@ -104,26 +104,45 @@ DYNAMIC: dict[str, tuple[str, dict[str, Any]]] = {
 whose selection it starts from and whose store gives the candidates, train flags)."""
 
 
-def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
-    """The score store of `method` on `world`, and the CPU seconds it took (0 when up to date)."""
+def method_flags(method: str) -> dict[str, Any]:
+    """The score flags a benchmark method name stands for (--method, and a variant's others)."""
+    return dict(VARIANTS.get(method, {"method": method}))
+
+
+def reads_surrogate_name(method: str) -> bool:
+    """Whether the benchmark method `method` needs the surrogate's gradients."""
     from batctl.methods import reads_surrogate
 
-    path = out / f"scores-{method}"
-    flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
-    if reads_surrogate(flags["method"], flags.get("fuse", ())):
+    flags = method_flags(method)
+    return reads_surrogate(flags["method"], flags.get("fuse", ()))
+
+
+def score_into(
+    world: Any, path: Path, method: str, data: Path, surrogate: Path | None = None
+) -> None:
+    """Score the world's pool with `method` against the adaptation set `data` into `path`
+    (up to date is fine); `surrogate` for the methods that read one."""
+    flags = method_flags(method)
+    if reads_surrogate_name(method):
         flags.update(surrogate=surrogate, **world.score_flags)
     flags.update(world.clip_flags(flags["method"], flags.get("fuse", ())))
-    started = time.process_time()
-    done_before = (path / "manifest.json").is_file()
     stage(
         "score",
         out=path,
         model=str(world.model),
-        data=str(world.adaptation),
+        data=str(data),
         pool=tuple(str(p) for p in world.pool),
         **world.data_flags,
         **flags,
     )
+
+
+def score_method(world: Any, out: Path, method: str, surrogate: Path) -> tuple[Path, float]:
+    """The score store of `method` on `world`, and the CPU seconds it took (0 when up to date)."""
+    path = out / f"scores-{method}"
+    started = time.process_time()
+    done_before = (path / "manifest.json").is_file()
+    score_into(world, path, method, Path(world.adaptation), surrogate)
     seconds = 0.0 if done_before else time.process_time() - started
     record = path / "cpu_seconds.json"
     if not done_before:

@@ -33,7 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bat_quality import DEV_DIGITS, DEV_DOMAINS, VARIANTS, log, open_world, stage  # noqa: E402
+from bat_quality import (  # noqa: E402
+    DEV_DIGITS,
+    DEV_DOMAINS,
+    log,
+    method_flags,
+    open_world,
+    reads_surrogate_name,
+    score_into,
+    stage,
+)
 
 STEPS = {"lm": (8, 16, 24, 48), "digits": (40, 80, 160)}
 LRS = {"lm": (1e-3, 3e-3), "digits": (1e-3, 3e-3, 1e-2)}
@@ -72,18 +81,8 @@ def fold_selection(world: Any, data: Path, out: Path, method: str, gamma: float)
     (a cheap method: one that reads no surrogate)."""
     from batctl.selection import value_name
 
-    flags: dict[str, Any] = dict(VARIANTS.get(method, {"method": method}))
-    flags.update(world.clip_flags(flags["method"], flags.get("fuse", ())))
     scores = out.with_name(out.name + "-scores")
-    stage(
-        "score",
-        out=scores,
-        model=str(world.model),
-        data=str(data),
-        pool=tuple(str(p) for p in world.pool),
-        **world.data_flags,
-        **flags,
-    )
+    score_into(world, scores, method, data)
     stage("select", out=out, scores=scores, gamma=(str(gamma),), strategy="albat")
     return out / value_name("gamma", gamma)
 
@@ -150,12 +149,11 @@ def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     family = args.family
     if args.method:
-        from batctl.methods import METHODS, reads_surrogate
+        from batctl.methods import METHODS
 
-        flags = VARIANTS.get(args.method, {"method": args.method})
-        if flags["method"] not in METHODS:
+        if method_flags(args.method)["method"] not in METHODS:
             parser.error(f"--with {args.method}: not a method ({', '.join(METHODS)})")
-        if reads_surrogate(flags["method"], flags.get("fuse", ())):
+        if reads_surrogate_name(args.method):
             parser.error(f"--with {args.method}: reads a surrogate; give a method that does not")
     domains = args.domains or list(DEV_DIGITS if family == "digits" else DEV_DOMAINS)
     recipes = [(s, lr) for s in args.steps or STEPS[family] for lr in args.lrs or LRS[family]]
