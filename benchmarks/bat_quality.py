@@ -96,6 +96,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mmr-d3": {"method": "mmr", "diversity": 0.3},
     "mmr-d7": {"method": "mmr", "diversity": 0.7},
     "mmr-d85": {"method": "mmr", "diversity": 0.85},
+    "mmr-bm25": {"method": "mmr", "fuse": ("bm25",)},
     "mmr-influence": {"method": "mmr", "fuse": ("influence", "bm25", "tfidf")},
     "fusion-clip": {"method": "fusion", "fuse": ("influence", "embed")},
 }

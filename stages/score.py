@@ -53,7 +53,7 @@ class ScoreConfig(DataOptions):
     """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85; 0.7 led under an overfitting recipe)."""
 
     fuse: tuple[str, ...] = ()
-    """--method fusion and mmr: the methods whose z-scores are added, two or more of influence, bm25, tfidf, embed (repeat the flag); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
+    """--method fusion and mmr: the methods whose z-scores are added, of influence, bm25, tfidf, embed (repeat the flag): two or more for fusion, one or more for mmr (one: that method's relevance alone); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
 
     clip: str | None = None
     """--method embed: a CLIP model (a directory, e.g. a local copy of openai/clip-vit-base-patch32, or `batctl tiny clip DIR`) whose image features replace the backbone's embedding: pool images are ranked by CLIP cosine to the adaptation images' centroid (samples without an image by their text's)."""
@@ -137,8 +137,13 @@ class ScoreConfig(DataOptions):
         if self.reads_surrogate and self.surrogate is None:
             out.append(f"--surrogate is required with --method {self.method}")
         unknown = [m for m in self.fuse if m not in PARTS]
-        if self.fuse and (unknown or len(set(self.fuse)) < 2):
-            out.append(f"--fuse: give two or more of {', '.join(PARTS)}, got {','.join(self.fuse)}")
+        least = 1 if self.method == "mmr" else 2  # mmr re-ranks one relevance; fusion adds
+        if self.fuse and (unknown or len(set(self.fuse)) < least):
+            count = "one" if least == 1 else "two"
+            out.append(
+                f"--fuse: give {count} or more of {', '.join(PARTS)} with --method "
+                f"{self.method}, got {','.join(self.fuse)}"
+            )
         if not (math.isfinite(self.diversity) and 0 <= self.diversity < 1):
             out.append(f"--diversity must be in [0, 1), got {self.diversity}")
         if self.damping <= 0:

@@ -134,6 +134,34 @@ def test_mmr_needs_a_surrogate_only_when_fuse_names_influence(setup, cli_module,
     assert "--candidates must be >= 1" in result.stderr
 
 
+def test_mmr_with_one_fuse_part_reranks_that_methods_relevance(setup, cli_module, tmp_path):
+    out = tmp_path / "mmr-bm25"
+    common = ["score", "--model", setup["lm"], "--data", setup["root"] / "a.jsonl",
+              "--pool", setup["root"] / "pool.jsonl"]  # fmt: skip
+    result = cli_module(*common, "--method", "mmr", "--fuse", "bm25", "--candidates", "5",
+                        "--diversity", "0.5", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+
+    bm25, _, idf = lexical_by_hand(POOL, ADAPTATION)
+    relevance = (bm25 - bm25.mean()) / bm25.std()
+    candidates = np.sort(np.argsort(-relevance, kind="stable")[:5])
+    vectors = tfidf_rows([POOL[i] for i in candidates], idf).toarray()
+    seen = tfidf_rows(ADAPTATION, idf).toarray()
+    order = candidates[hand_mmr(relevance[candidates], vectors, seen, 0.5)]
+    expected = 1 / (1 + np.exp(-relevance))
+    expected[order] = 2 + (5 - np.arange(5)) / 5
+    got = zarr.open_group(str(out / "scores.zarr"), mode="r")["score"][:].astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    params = json.loads((out / "manifest.json").read_text())["params"]
+    assert params["fuse"] == ["bm25"]
+    # a fusion of one part is no fusion: refused, naming the flag and what it needs
+    result = cli_module(*common, "--method", "fusion", "--fuse", "bm25", "--out", tmp_path / "f")
+    assert result.exit_code == 2
+    assert "--fuse: give two or more of influence, bm25, tfidf, embed with --method fusion" in (
+        result.stderr
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 7).flatmap(
