@@ -72,6 +72,18 @@ def hand_mmr(relevance, vectors, seen_vectors, diversity):
     return picked
 
 
+def expected_store(relevance, idf, count, diversity):
+    """The scores an mmr store must hold for this relevance (its docstring's rules): the top
+    `count` rows by relevance in hand-computed MMR order above 2, the rest 1 / (1 + e^−rel)."""
+    candidates = np.sort(np.argsort(-relevance, kind="stable")[:count])
+    vectors = tfidf_rows([POOL[i] for i in candidates], idf).toarray()
+    seen = tfidf_rows(ADAPTATION, idf).toarray()
+    order = candidates[hand_mmr(relevance[candidates], vectors, seen, diversity)]
+    expected = 1 / (1 + np.exp(-relevance))
+    expected[order] = 2 + (count - np.arange(count)) / count
+    return expected
+
+
 def test_mmr_ranks_the_fused_top_candidates_for_diversity_as_a_hand_computation(
     setup, cli_module, tmp_path
 ):
@@ -90,18 +102,12 @@ def test_mmr_ranks_the_fused_top_candidates_for_diversity_as_a_hand_computation(
         return (x - x.mean()) / x.std()
 
     relevance = z(bm25) + z(tfidf)
-    candidates = np.sort(np.argsort(-relevance, kind="stable")[:6])
-    vectors = tfidf_rows([POOL[i] for i in candidates], idf).toarray()
-    seen = tfidf_rows(ADAPTATION, idf).toarray()
-    order = candidates[hand_mmr(relevance[candidates], vectors, seen, 0.5)]
-
-    expected = 1 / (1 + np.exp(-relevance))
-    expected[order] = 2 + (6 - np.arange(6)) / 6
+    expected = expected_store(relevance, idf, 6, 0.5)
     got = zarr.open_group(str(out / "scores.zarr"), mode="r")["score"][:].astype(np.float64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # what diversity is for: the copy of an adaptation text is the most relevant row but not
     # the first pick, and the two identical rows are not both near the top
-    assert int(np.argmax(relevance)) == 0 and order[0] != 0
+    assert int(np.argmax(relevance)) == 0 and int(np.argmax(expected)) != 0
     ranked = list(np.argsort(-got, kind="stable"))
     # p5 (tides) shares no word with the adaptation set; the second copy of p1 falls below it
     assert relevance[2] > relevance[5] and ranked.index(5) < ranked.index(2)
@@ -144,12 +150,7 @@ def test_mmr_with_one_fuse_part_reranks_that_methods_relevance(setup, cli_module
 
     bm25, _, idf = lexical_by_hand(POOL, ADAPTATION)
     relevance = (bm25 - bm25.mean()) / bm25.std()
-    candidates = np.sort(np.argsort(-relevance, kind="stable")[:5])
-    vectors = tfidf_rows([POOL[i] for i in candidates], idf).toarray()
-    seen = tfidf_rows(ADAPTATION, idf).toarray()
-    order = candidates[hand_mmr(relevance[candidates], vectors, seen, 0.5)]
-    expected = 1 / (1 + np.exp(-relevance))
-    expected[order] = 2 + (5 - np.arange(5)) / 5
+    expected = expected_store(relevance, idf, 5, 0.5)
     got = zarr.open_group(str(out / "scores.zarr"), mode="r")["score"][:].astype(np.float64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     params = json.loads((out / "manifest.json").read_text())["params"]
