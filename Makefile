@@ -36,12 +36,17 @@ bench: install
 	$(PYTHON) benchmarks/tiny_backbones.py
 	$(PYTHON) benchmarks/score_throughput.py
 
+DEV_METHODS = mmr mmr-d3 mmr-d7 mmr-d85 mmr-bm25 bm25 tfidf dsir embed
+
 bench-quality: install
 	$(PYTHON) benchmarks/train_recipe.py
 	$(PYTHON) benchmarks/train_recipe.py --with mmr --steps 8 16 24 48 96 --out runs/train-recipe-mmr
 	$(PYTHON) benchmarks/train_recipe.py --with bm25 --steps 8 16 24 48 96 --out runs/train-recipe-bm25
 	$(PYTHON) benchmarks/train_recipe.py --with tfidf --steps 8 16 24 48 96 --out runs/train-recipe-tfidf
 	$(PYTHON) benchmarks/train_recipe.py --family digits --out runs/train-recipe-digits
+	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --methods $(DEV_METHODS) --out runs/bat-quality-dev
+	$(PYTHON) benchmarks/bat_quality.py --domains idlelib concurrency --methods $(DEV_METHODS) --out runs/bat-quality-dev-new
+	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --world-seed 1 --methods $(DEV_METHODS) --out runs/bat-quality-dev-ws1
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-d7 bm25 tfidf dsir embed
 	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7

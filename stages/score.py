@@ -50,7 +50,7 @@ class ScoreConfig(DataOptions):
     """--method hybrid: how many of the prefilter's top rows get a gradient; --method mmr: how many of the most relevant rows are re-ranked for diversity (the rest keep their order below them)."""
 
     diversity: float = 0.5
-    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85; 0.7 led under an overfitting recipe)."""
+    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85, kept on twelve dev worlds: 103% against 83, 82 and 53% for 0.3, 0.7, 0.85; 0.7 led under an overfitting recipe)."""
 
     fuse: tuple[str, ...] = ()
     """--method fusion and mmr: the methods whose z-scores are added, of influence, bm25, tfidf, embed (repeat the flag): two or more for fusion, one or more for mmr (one: that method's relevance alone); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
