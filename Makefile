@@ -50,6 +50,7 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-d7 bm25 tfidf dsir embed
 	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
+	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods fusion-clip influence bm25 embed --out runs/bat-quality-digits-dev
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 40,1e-3,4 --out runs/bat-quality-digits-40
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long

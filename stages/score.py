@@ -41,7 +41,7 @@ class ScoreConfig(DataOptions):
     method: Literal[
         "auto", "mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"
     ] = "auto"
-    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models fusion of influence and CLIP retrieval (--fuse influence --fuse embed) with --surrogate and --clip, else embed with --clip, else influence. mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
+    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models embed (CLIP retrieval) with --clip, else influence (which needs --surrogate). mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""

@@ -169,8 +169,8 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     world, built = build_world("diffusion", seed=0, cache=tmp_path)
     assert built and world.family == "diffusion" and world.target == dd.TARGET
     assert world.pretraining["steps"] == 1 and world.pretraining["clip"]["steps"] == 1
-    assert world.demo_methods == ("fusion", "embed")
-    assert world.fuse_of("fusion") == ("influence", "embed") and world.fuse_of("embed") == ()
+    assert world.demo_methods == ("embed", "influence")
+    assert world.fuse_of("embed") == () and world.fuse_of("influence") == ()
     again, built = dd.digits_world(seed=0, cache=tmp_path)
     assert not built and again == world
     for path in (
@@ -299,36 +299,34 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     assert "BAT demo (diffusion): target domain 'seven'" in table
     for name in (
         "surrogate",
-        "scores-fusion",
+        "scores-influence",
         "scores-embed",
-        "select-fusion",
+        "select-influence",
         "select-embed",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
-    # the strongest cheap baseline is CLIP retrieval with the world's CLIP
+    # batctl's default given a CLIP is CLIP retrieval with the world's CLIP; beside it, the
+    # default without one: influence from the surrogate, with the recipe's loss draws
     embed = json.loads((out / "scores-embed" / "manifest.json").read_text())
     assert embed["inputs"]["clip"]["path"].endswith("/clip") and "surrogate" not in embed["inputs"]
-    fusion = json.loads((out / "scores-fusion" / "manifest.json").read_text())
-    assert fusion["params"]["loss_draws"] == 2 and fusion["params"]["fuse"] == [
-        "influence",
-        "embed",
-    ]
-    assert {"surrogate", "clip"} <= set(fusion["inputs"])
+    influence = json.loads((out / "scores-influence" / "manifest.json").read_text())
+    assert influence["params"]["loss_draws"] == 2 and "surrogate" in influence["inputs"]
+    assert "clip" not in influence["inputs"]
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
     rows = {r["adapter"]: r for r in results["rows"]}
-    assert set(rows) == {"none", "random-g0.5", "fusion-g0.5", "embed-g0.5"}
+    assert set(rows) == {"none", "random-g0.5", "embed-g0.5", "influence-g0.5"}
     for label, row in rows.items():
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()
-    chosen = json.loads((out / "select-fusion" / "gamma-0.5" / "selection.json").read_text())[
+    chosen = json.loads((out / "select-embed" / "gamma-0.5" / "selection.json").read_text())[
         "chosen"
     ]
-    assert rows["fusion-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
+    assert rows["embed-g0.5"]["selected"] == len(chosen) == dd.N_ADAPTATION
     share = sum(World.domain_of(c["key"]) == dd.TARGET for c in chosen) / len(chosen)
-    assert rows["fusion-g0.5"]["target_share"] == pytest.approx(share)
+    assert rows["embed-g0.5"]["target_share"] == pytest.approx(share)
     assert results["oracle_heldout_loss"] == pytest.approx(metrics["oracle"]["heldout_loss"])
 
 
