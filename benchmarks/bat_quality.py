@@ -649,7 +649,8 @@ def main() -> None:
     if not results:
         return
     baselines = ("bm25", "embed") if digits else BASELINES
-    rivals = [m for m in ("random", "none", *baselines) if m in methods and m != args.default]
+    every = [m for m in ("random", "none", *baselines) if m in methods]
+    rivals = [m for m in every if m != args.default]
     checked = goal(results, args.default, rivals)
     markdown.append("### Goal (default: " + args.default + ")\n")
     for key, value in checked.items():
@@ -659,7 +660,6 @@ def main() -> None:
             f"- {key}: {'met' if value['met'] else 'NOT met'}; gain share "
             f"{'- (perfect-target does not beat none)' if share is None else f'{100 * share:.0f}%'}; loses (or ties) to: {', '.join(lost) or 'nobody'}"
         )
-    every = [m for m in ("random", "none", *baselines) if m in methods]
     counts = goal_counts(results, methods, every)
     markdown.append(
         "\n### Every method judged by the goal's criteria (rivals: "

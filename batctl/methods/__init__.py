@@ -37,7 +37,8 @@ mmr. Diffusion: a DreamBooth set's images come with the instance prompt only, wh
 subject a pool caption could match (caption bm25 and mmr rank the dev digit's pool images at
 AUC 0.50 and 0.00), so the images decide: CLIP retrieval whenever a CLIP is given (on four dev
 digits it beat the z-sum of influence and CLIP retrieval in 7 of 8 digit × γ cases and
-influence in 7; on the three fresh digits embed and the z-sum tie, 3 of 6 each), else influence (which needs the surrogate)."""
+influence in 7; on the three fresh digits embed and the z-sum tie, 3 of 6 each), else
+influence (which needs the surrogate)."""
 
 
 def auto_method(family: str, clip: bool, surrogate: bool) -> tuple[str, tuple[str, ...]] | None:
