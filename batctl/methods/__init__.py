@@ -36,8 +36,8 @@ method and its --fuse parts, the best measured on benchmarks/bat_quality.py's de
 mmr. Diffusion: a DreamBooth set's images come with the instance prompt only, which names no
 subject a pool caption could match (caption bm25 and mmr rank the dev digit's pool images at
 AUC 0.50 and 0.00), so the images decide: CLIP retrieval whenever a CLIP is given (on four dev
-digits it beat the z-sum of influence and CLIP retrieval in 7 of 8 digit × γ cases and
-influence in 7; on the three fresh digits embed and the z-sum tie, 3 of 6 each), else
+digits it beat the z-sum of influence and CLIP retrieval in 7 of 8 digit × γ cases by the
+mean over seeds, 6 in at least 2 of 3 seeds, and influence in 7; on the three fresh digits embed and the z-sum tie, 3 of 6 each), else
 influence (which needs the surrogate)."""
 
 
