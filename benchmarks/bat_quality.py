@@ -102,8 +102,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mmr-d7": {"method": "mmr", "diversity": 0.7},
     "mmr-d85": {"method": "mmr", "diversity": 0.85},
     "mmr-bm25": {"method": "mmr", "fuse": ("bm25",)},
+    "mmr-c64": {"method": "mmr", "candidates": 64},
     "mmr-influence": {"method": "mmr", "fuse": ("influence", "bm25", "tfidf")},
     "fusion-clip": {"method": "fusion", "fuse": ("influence", "embed")},
+    "mmr-clip": {"method": "mmr", "fuse": ("embed",)},
+    "mmr-clip-c64": {"method": "mmr", "fuse": ("embed",), "candidates": 64},
+    "mmr-clip-d8": {"method": "mmr", "fuse": ("embed",), "diversity": 0.8},
+    "mmr-clip-d9": {"method": "mmr", "fuse": ("embed",), "diversity": 0.9},
 }
 """Benchmark names for score flags other than a bare --method (ablations)."""
 

@@ -214,3 +214,41 @@ def test_fusion_adds_the_z_scores_of_clip_retrieval_and_caption_bm25(cli, setup,
         return (values - values.mean()) / (values.std() or 1.0)
 
     np.testing.assert_allclose(stores["fusion"], z(stores["embed"]) + z(stores["bm25"]), atol=1e-5)
+
+
+def test_mmr_over_clip_retrieval_measures_redundancy_between_images(cli, setup, tmp_path):
+    """--method mmr --fuse embed --clip: relevance is CLIP retrieval's z-score, redundancy the
+    CLIP cosine between images (not caption TF-IDF): the store holds the hand-computed MMR
+    order of the top --candidates above 2 and 1 / (1 + e^−z) below."""
+    from .test_methods_mmr import hand_mmr
+
+    out = tmp_path / "mmr"
+    result = cli(
+        "score", "--model", setup["model"], "--data", setup["data"], "--pool", setup["pool"],
+        "--method", "mmr", "--fuse", "embed", "--clip", setup["clip"], "--candidates", "5",
+        "--diversity", "0.8", "--instance-prompt", "a photo of sks toy", "--resolution", "16",
+        "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    mine = [Image.open(setup["data"] / f"mine-{i}.png").convert("RGB") for i in range(6)]
+    seen = clip_by_hand(setup["clip"], images=mine)
+    centroid = seen.mean(axis=0)
+    centroid /= np.linalg.norm(centroid)
+    pool = [Image.open(io.BytesIO(s.raw["png"])).convert("RGB") for s in image_samples(8, 3)]
+    vectors = np.concatenate(
+        [
+            clip_by_hand(setup["clip"], images=pool),
+            clip_by_hand(setup["clip"], texts=["a red house by the sea"]),
+        ]
+    )
+    cosine = vectors @ centroid
+    relevance = (cosine - cosine.mean()) / cosine.std()
+    candidates = np.sort(np.argsort(-relevance, kind="stable")[:5])
+    order = candidates[hand_mmr(relevance[candidates], vectors[candidates], seen, 0.8)]
+    expected = 1 / (1 + np.exp(-relevance))
+    expected[order] = 2 + (5 - np.arange(5)) / 5
+    got = ScoreStore.open(out).column("score").astype(np.float64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.argsort(-got, kind="stable")[:5].tolist() == order.tolist()
+    # diversity changed the order: the picks are not simply the most relevant first
+    assert order.tolist() != np.argsort(-relevance, kind="stable")[:5].tolist()

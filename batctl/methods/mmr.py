@@ -12,7 +12,9 @@ Goldstein 1998) picks greedily
 over the `--candidates` rows of highest relevance, where rel is the `--fuse` z-score sum (the
 fusion method) rescaled to [0, 1] over the candidates, cos is the TF-IDF cosine (the tfidf
 method's vectors) and λ is `--diversity`. The adaptation set counts as already picked, so a
-paraphrase of a D_A sample ranks low.
+paraphrase of a D_A sample ranks low. With `--fuse embed` alone (CLIP retrieval's relevance
+with `--clip`), cos is the embedding cosine instead: a DreamBooth set's images have no words,
+and near-copies of its images are what an image pool's top holds.
 
 Each row's stored score keeps the order `select` must take:
 
@@ -73,39 +75,77 @@ def rescale(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low)
 
 
-def rows_texts(pool: Any, rows: set[int]) -> dict[int, str]:
-    """The text of the pool rows in `rows` (store row numbers), read in one pass."""
-    from batctl.data import BadSample
-    from batctl.methods.base import text_of
+LEXICAL_PARTS = ("bm25", "tfidf")
+"""--fuse parts that compare words: with one of them in the relevance, redundancy is TF-IDF's."""
 
-    out: dict[int, str] = {}
+
+def similarity_space(parts: Sequence[str]) -> str:
+    """Where mmr measures redundancy for relevance `parts` (--fuse): "embed" (the embed
+    method's vectors: CLIP's with --clip, else the backbone's) when embed is a part and no
+    lexical part is, else "tfidf". An image pool's captions say nothing about what a
+    DreamBooth set shows, so image redundancy must be measured on the images."""
+    if "embed" in parts and not set(parts) & set(LEXICAL_PARTS):
+        return "embed"
+    return "tfidf"
+
+
+def rows_samples(pool: Any, rows: set[int]) -> dict[int, Sample]:
+    """The decoded samples of the pool rows in `rows` (store row numbers), read in one pass;
+    unreadable rows are left out."""
+    from batctl.data import BadSample
+
+    out: dict[int, Sample] = {}
     for index, row in enumerate(pool.iter_rows()):
         if index not in rows or type(row) is BadSample:
             continue
         sample = pool.decoded(row) if not row.record else row
         if type(sample) is not BadSample:
-            out[index] = text_of(sample)
+            out[index] = sample
     return out
 
 
-def diverse_order(
-    pool: Any, rows: np.ndarray, relevance: np.ndarray, idf: np.ndarray, config: Any
-) -> np.ndarray:
-    """The MMR pick order of the candidate `rows` (store rows) given their `relevance`: TF-IDF
-    vectors (with the pool's `idf`) of their texts and of the adaptation set, then `mmr_order`
-    with λ = config.diversity. Returns indices into `rows`."""
+def tfidf_vectors(pool: Any, rows: np.ndarray, idf: np.ndarray, config: Any) -> tuple[Any, Any]:
+    """(candidates, adaptation): L2-normalised TF-IDF rows (scipy sparse, the pool's `idf`) of
+    the candidate `rows`' texts and of the adaptation set's."""
+    from batctl.methods.base import text_of
     from batctl.methods.lexical import adaptation_texts, tfidf_rows
 
-    if not len(rows):
+    samples = rows_samples(pool, set(int(r) for r in rows))
+    texts = [text_of(samples[int(r)]) for r in rows]
+    return tfidf_rows(texts, idf), tfidf_rows(adaptation_texts(config), idf)
+
+
+def embed_vectors(
+    pool: Any, rows: np.ndarray, encode: Any, config: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, adaptation): unit embeddings (f64[M, H], f64[n, H]) of the candidate
+    `rows` and of the adaptation set, by `encode` (the embed method's encoder)."""
+    from batctl.methods.base import target_samples
+    from batctl.methods.embed import unit_rows
+
+    samples = rows_samples(pool, set(int(r) for r in rows))
+    candidates = unit_rows(encode([samples[int(r)] for r in rows], "pool"))
+    return candidates, unit_rows(encode(target_samples(config), "adaptation"))
+
+
+def diverse_order(
+    candidates: Any, adaptation: Any, relevance: np.ndarray, diversity: float
+) -> np.ndarray:
+    """The MMR pick order of the candidates given their unit vectors (`candidates`, M rows),
+    the adaptation set's (`adaptation`) and their `relevance` (f64[M]): cosines, then
+    `mmr_order` with λ = `diversity`. Dense or scipy sparse rows. Returns i64[M]."""
+    count = candidates.shape[0]
+    if not count:
         return np.zeros(0, dtype=np.int64)
-    texts = rows_texts(pool, set(int(r) for r in rows))
-    vectors = tfidf_rows([texts[int(r)] for r in rows], idf)
-    adaptation = tfidf_rows(adaptation_texts(config), idf)
-    similarity = (vectors @ vectors.T).toarray()
-    seen = np.zeros(len(rows))
+
+    def dense(m: Any) -> np.ndarray:
+        return np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float64)
+
+    similarity = dense(candidates @ candidates.T)
+    seen = np.zeros(count)
     if adaptation.shape[0]:
-        seen = (vectors @ adaptation.T).toarray().max(axis=1)
-    return mmr_order(rescale(relevance), similarity, seen, config.diversity)
+        seen = dense(candidates @ adaptation.T).max(axis=1)
+    return mmr_order(rescale(relevance), similarity, seen, diversity)
 
 
 class MmrScorer(Scorer):
@@ -132,9 +172,11 @@ class Mmr(Method):
         from batctl.methods.lexical import load_state, save_state
 
         relevance_scorer = Fusion().prepare(work, pool, config)
-        folder = work / "tfidf"  # fusion's own tfidf state when --fuse names it
-        folder.mkdir(exist_ok=True)
-        tfidf = make_method("tfidf").prepare(folder, pool, config)
+        space = similarity_space(config.fuse_parts)
+        if space == "tfidf":
+            folder = work / "tfidf"  # fusion's own tfidf state when --fuse names it
+            folder.mkdir(exist_ok=True)
+            idf = make_method("tfidf").prepare(folder, pool, config).idf
         path = work / STATE
         if not path.is_file():
             relevance = prefilter_all(pool, relevance_scorer)
@@ -142,7 +184,12 @@ class Mmr(Method):
             rows = top_rows(
                 np.where(readable, relevance, -np.inf), min(config.candidates, int(readable.sum()))
             )
-            order = rows[diverse_order(pool, rows, relevance[rows], tfidf.idf, config)]
+            if space == "tfidf":
+                vectors = tfidf_vectors(pool, rows, idf, config)
+            else:
+                encode = relevance_scorer.scorers["embed"].encode
+                vectors = embed_vectors(pool, rows, encode, config)
+            order = rows[diverse_order(*vectors, relevance[rows], config.diversity)]
             scores = np.where(
                 readable, 1.0 / (1.0 + np.exp(-np.where(readable, relevance, 0.0))), np.nan
             )
@@ -155,11 +202,12 @@ class Mmr(Method):
                     "candidates": count,
                     "diversity": config.diversity,
                     "fuse": list(config.fuse_parts),
+                    "similarity": space,
                 },
             )
             log.info(
-                "mmr: %d candidates of %d rows re-ranked for diversity (λ = %g)",
-                count, len(relevance), config.diversity,
+                "mmr: %d candidates of %d rows re-ranked for diversity (λ = %g, %s cosine)",
+                count, len(relevance), config.diversity, space,
             )  # fmt: skip
         arrays, meta = load_state(path)
         return MmrScorer(
@@ -169,5 +217,6 @@ class Mmr(Method):
                 **relevance_scorer.attrs(),
                 "candidates": meta["candidates"],
                 "diversity": meta["diversity"],
+                "similarity": meta.get("similarity", "tfidf"),
             },
         )
