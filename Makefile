@@ -36,7 +36,7 @@ bench: install
 	$(PYTHON) benchmarks/tiny_backbones.py
 	$(PYTHON) benchmarks/score_throughput.py
 
-DEV_METHODS = mmr mmr-d3 mmr-d7 mmr-d85 mmr-bm25 bm25 tfidf dsir embed
+DEV_METHODS = mmr mmr-c64 mmr-c256 mmr-c512 mmr-d3 mmr-d7 mmr-d85 mmr-bm25 bm25 tfidf dsir embed
 
 bench-quality: install
 	$(PYTHON) benchmarks/train_recipe.py
@@ -47,10 +47,10 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --methods $(DEV_METHODS) --out runs/bat-quality-dev
 	$(PYTHON) benchmarks/bat_quality.py --domains idlelib concurrency --methods $(DEV_METHODS) --out runs/bat-quality-dev-new
 	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --world-seed 1 --methods $(DEV_METHODS) --out runs/bat-quality-dev-ws1
-	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-d7 bm25 tfidf dsir embed
+	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-c256 mmr-d7 bm25 tfidf dsir embed
 	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
-	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods fusion-clip influence bm25 embed --out runs/bat-quality-digits-dev
+	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods mmr-clip embed fusion-clip influence bm25 --out runs/bat-quality-digits-dev
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 40,1e-3,4 --out runs/bat-quality-digits-40
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long

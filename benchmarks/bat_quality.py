@@ -19,8 +19,9 @@ outputs are reused as they are).
 
 `--family digits` runs the diffusion world instead: one digits world per target digit (each
 with its own UNet pretrained on its own pool, and its own CLIP trained on the pool's pairs),
-methods influence, caption bm25, CLIP retrieval (`embed --clip`), mmr, random, none and
-perfect-target; DEV_DIGITS chose the diffusion default, DEFAULT_DIGITS are reported.
+methods mmr over CLIP retrieval (`mmr-clip`, the default given a CLIP), CLIP retrieval alone
+(`embed --clip`), influence, caption bm25, caption mmr, random, none and perfect-target;
+DEV_DIGITS chose the diffusion default, DEFAULT_DIGITS are reported.
 
 `--methods ... mmr-dynamic` adds the paper's ALBAT loop (`train --reselect-every 6` from the
 default's selection, candidates its store's top 128) as its own strategy beside the static
@@ -52,18 +53,19 @@ MORE_DEV_DOMAINS = ("idlelib", "concurrency")
 """The corpus's other domains with enough paragraphs for a world: dev only, like DEV_DOMAINS."""
 DEFAULT_DIGITS = ("two", "four", "eight")
 """The reported diffusion worlds (target digits)."""
-DEV_DIGITS = ("seven",)
-"""The diffusion demo's own target: where the diffusion default was chosen."""
+DEV_DIGITS = ("seven", "zero", "three", "six")
+"""The diffusion demo's own target and three more: where the diffusion default was chosen."""
 SEEDS = (0, 1, 2)
 GAMMAS = (0.5, 0.75)
 BASELINES = ("bm25", "tfidf", "dsir", "embed")
 SCORED_METHODS = ("influence", *BASELINES, "hybrid", "fusion", "mmr")
 """Methods with a score store of their own (select takes their top)."""
-DIGITS_METHODS = ("fusion-clip", "influence", "bm25", "embed", "mmr")
-"""The diffusion world's: CLIP retrieval (embed with the world's CLIP; batctl's default given a
-CLIP), influence (its default without one), caption BM25, the fusion of influence and CLIP
-retrieval (fusion-clip, the default given both before the dev digits were added) and stop 18's
-default (mmr); tfidf and dsir read the same four-word captions as bm25."""
+DIGITS_METHODS = ("mmr-clip", "embed", "fusion-clip", "influence", "bm25", "mmr")
+"""The diffusion world's: mmr over CLIP retrieval (mmr-clip: batctl's default given a CLIP),
+CLIP retrieval alone (embed with the world's CLIP: the default before, and the strongest cheap
+baseline), the fusion of influence and CLIP retrieval (fusion-clip, the default given both
+before the dev digits were added), influence (the default without a CLIP), caption BM25 and
+caption mmr (stop 18's default); tfidf and dsir read the same four-word captions as bm25."""
 
 
 def open_world(
@@ -103,6 +105,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mmr-d85": {"method": "mmr", "diversity": 0.85},
     "mmr-bm25": {"method": "mmr", "fuse": ("bm25",)},
     "mmr-c64": {"method": "mmr", "candidates": 64},
+    "mmr-c256": {"method": "mmr", "candidates": 256},
+    "mmr-c512": {"method": "mmr", "candidates": 512},
+    "mmr-c1024": {"method": "mmr", "candidates": 1024},
     "mmr-influence": {"method": "mmr", "fuse": ("influence", "bm25", "tfidf")},
     "fusion-clip": {"method": "fusion", "fuse": ("influence", "embed")},
     "mmr-clip": {"method": "mmr", "fuse": ("embed",)},
@@ -511,6 +516,57 @@ def goal_counts(
     return counts
 
 
+def pooled(
+    results: dict[str, dict[str, Any]],
+    default: str,
+    rivals: list[str],
+    draws: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """The default against each rival over every domain × γ case at once, what a user choosing
+    between them asks: the mean of the paired held-out loss differences (default − rival, one
+    per case and seed), in how many of those pairs the default is lower, and a 95% interval of
+    the mean from `draws` bootstrap resamples of the cases (a case's seeds stay together: they
+    share a world and a selection). Cases missing a run are left out. Per rival: {"cases",
+    "pairs", "lower", "mean", "low", "high"} (nats; low/high None with fewer than 2 cases)."""
+    import numpy as np
+
+    out = {}
+    for rival in rivals:
+        rng = np.random.default_rng(seed)  # each rival's interval whatever the others are
+        cases = []
+        for result in results.values():
+            for g in result["gammas"]:
+                diffs = []
+                for s in result["seeds"]:
+                    a = result["loss"].get(label(default, g, s))
+                    b = result["loss"].get(label(rival, g, s))
+                    if a is None or b is None:
+                        break
+                    diffs.append(a - b)
+                else:
+                    cases.append(diffs)
+        if not cases:
+            continue
+        flat = [d for case in cases for d in case]
+        low = high = None
+        if len(cases) >= 2:
+            sums = np.array([sum(c) for c in cases])
+            sizes = np.array([len(c) for c in cases])
+            picks = rng.integers(0, len(cases), size=(draws, len(cases)))
+            means = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+            low, high = (float(v) for v in np.quantile(means, [0.025, 0.975]))
+        out[rival] = {
+            "cases": len(cases),
+            "pairs": len(flat),
+            "lower": sum(d < 0 for d in flat),
+            "mean": mean(flat),
+            "low": low,
+            "high": high,
+        }
+    return out
+
+
 def plot(
     results: dict[str, dict[str, Any]], methods: list[str], path: Path, family: str = "LM"
 ) -> None:
@@ -595,8 +651,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--default",
-        help="the method the goal is about (default: mmr; digits: embed, CLIP retrieval, what "
-        "score --method auto runs given a CLIP)",
+        help="the method the goal is about (default: mmr; digits: mmr-clip, mmr over CLIP "
+        "retrieval, what score --method auto runs given a CLIP)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bat-quality"))
     parser.add_argument("--score-only", action="store_true", help="stop after the score stores")
@@ -625,7 +681,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     digits = args.family == "digits"
-    args.default = args.default or ("embed" if digits else "mmr")
+    args.default = args.default or ("mmr-clip" if digits else "mmr")
     domains = args.domains or list(DEFAULT_DIGITS if digits else DEFAULT_DOMAINS)
     chosen = args.methods or list(DIGITS_METHODS if digits else SCORED_METHODS)
     methods = list(dict.fromkeys([*chosen, "none", "perfect", "random"]))
@@ -673,11 +729,30 @@ def main() -> None:
     )
     for method, c in sorted(counts.items(), key=lambda kv: -kv[1]["met"]):
         markdown.append(f"| {method} | {c['beats_all']}/{c['cases']} | {c['met']}/{c['cases']} |")
+    together = pooled(results, args.default, [*rivals, "perfect"])
+    p = 4 if not digits else 6
+    markdown.append(
+        f"\n### {args.default} against each rival, pooled over every case (default − rival; "
+        "95% interval: cases resampled, 2000 draws)\n\n"
+        "| rival | cases | seed pairs where the default is lower | mean difference | 95% interval |"
+        "\n|---|---|---|---|---|"
+    )
+    for rival, v in together.items():
+        interval = "-" if v["low"] is None else f"[{v['low']:+.{p}f}, {v['high']:+.{p}f}]"
+        markdown.append(
+            f"| {rival} | {v['cases']} | {v['lower']}/{v['pairs']} | {v['mean']:+.{p}f} | {interval} |"
+        )
     text = "\n".join(markdown) + "\n"
     (args.out / "bat_quality.md").write_text(text, encoding="utf-8")
     (args.out / "bat_quality.json").write_text(
         json.dumps(
-            {"results": results, "goal": checked, "goal_counts": counts, "default": args.default},
+            {
+                "results": results,
+                "goal": checked,
+                "goal_counts": counts,
+                "pooled": together,
+                "default": args.default,
+            },
             indent=2,
             default=str,
         )

@@ -106,7 +106,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     from batctl.methods import reads_surrogate
 
     surrogate = out / "surrogate"
-    if any(reads_surrogate(name) for name in methods):
+    if any(reads_surrogate(name, world.fuse_of(name)) for name in methods):
         run_stage("surrogate", out=surrogate, **on_adaptation, **world.surrogate_flags)
     scores = {name: score_with(name, world, out, surrogate, config, common) for name in methods}
     for name, store in scores.items():
@@ -181,10 +181,11 @@ def score_with(
     and the world's score recipe); returns its directory."""
     from batctl.methods import reads_surrogate
 
-    extra: dict[str, Any] = {}
-    if reads_surrogate(method):
+    extra: dict[str, Any] = dict(world.method_flags.get(method, {}))
+    fuse = world.fuse_of(method)
+    if reads_surrogate(method, fuse):
         extra.update(surrogate=surrogate, preconditioner=config.preconditioner, **world.score_flags)
-    extra.update(world.clip_flags(method))
+    extra.update(world.clip_flags(method, fuse))
     path = out / f"scores-{method}"
     run_stage(
         "score",

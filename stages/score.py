@@ -25,6 +25,8 @@ INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normaliz
 """Flags only the gradient methods read."""
 HYBRID_FLAGS = ("prefilter", "candidates")
 MMR_FLAGS = ("candidates", "diversity", "fuse")
+CANDIDATE_DEFAULTS = {"hybrid": 256, "mmr": 1024}
+"""--candidates when not given, by method (mmr's chosen on the twelve LM dev worlds)."""
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,16 @@ class ScoreConfig(DataOptions):
     method: Literal[
         "auto", "mmr", "fusion", "influence", "bm25", "tfidf", "dsir", "embed", "hybrid"
     ] = "auto"
-    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models embed (CLIP retrieval) with --clip, else influence (which needs --surrogate). mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
+    """What ranks the pool. auto: the best measured for the --model's family (benchmarks/bat_quality.py): mmr for LMs; for diffusion models mmr over CLIP retrieval (--fuse embed) with --clip, else influence (which needs --surrogate). mmr: the --fuse z-score sum (bm25 + tfidf by default), its top --candidates re-ranked for --diversity from D_A and from each other; fusion: the z-score sum alone (influence, bm25, tfidf by default); influence at the surrogate alone; a baseline: bm25 / tfidf / dsir over the text or captions, embed (backbone embedding cosine, or CLIP's with --clip); hybrid (the --prefilter's top --candidates re-ranked by influence)."""
 
     prefilter: Literal["bm25", "tfidf"] = "bm25"
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
 
-    candidates: int = 256
-    """--method hybrid: how many of the prefilter's top rows get a gradient; --method mmr: how many of the most relevant rows are re-ranked for diversity (the rest keep their order below them)."""
+    candidates: int | None = None
+    """--method hybrid: how many of the prefilter's top rows get a gradient (default 256); --method mmr: how many of the most relevant rows are re-ranked for diversity, the rest keep their order below them (default 1024 over text: on twelve dev worlds 106% of perfect-target's mean gain against 103% for 256, 102% for 512 and 94% for 64; 256 with --fuse embed alone, as measured on the dev digits)."""
 
     diversity: float = 0.5
-    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85, kept on twelve dev worlds: 103% against 83, 82 and 53% for 0.3, 0.7, 0.85; 0.7 led under an overfitting recipe)."""
+    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine (the embedding's with --fuse embed alone) to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85, kept on twelve dev worlds: 103% against 83, 82 and 53% for 0.3, 0.7, 0.85; 0.7 led under an overfitting recipe)."""
 
     fuse: tuple[str, ...] = ()
     """--method fusion and mmr: the methods whose z-scores are added, of influence, bm25, tfidf, embed (repeat the flag): two or more for fusion, one or more for mmr (one: that method's relevance alone); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
@@ -149,7 +151,7 @@ class ScoreConfig(DataOptions):
         if self.damping <= 0:
             out.append(f"--damping must be > 0, got {self.damping}")
         for name in ("batch_size", "chunk_size", "loss_draws", "candidates"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             out.append(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
@@ -182,6 +184,8 @@ class ScoreConfig(DataOptions):
         kept = {"hybrid": HYBRID_FLAGS, "mmr": MMR_FLAGS}.get(self.method, ())
         for name in sorted({*HYBRID_FLAGS, *MMR_FLAGS} - {*kept, "fuse"}):
             out.pop(name, None)
+        if "candidates" in kept:
+            out["candidates"] = self.candidate_count
         out.pop("clip", None)  # an input (fingerprinted), not a setting
         from batctl.methods import FUSE_DEFAULTS
 
@@ -192,6 +196,18 @@ class ScoreConfig(DataOptions):
         else:
             out.pop("fuse", None)  # fusion's default parts are implied (stores before --fuse)
         return out
+
+    @property
+    def candidate_count(self) -> int:
+        """--candidates, else the method's own default (CANDIDATE_DEFAULTS; mmr over
+        embeddings alone keeps 256, the count it was measured with on the dev digits)."""
+        if self.candidates is not None:
+            return self.candidates
+        from batctl.methods.mmr import similarity_space
+
+        if self.method == "mmr" and similarity_space(self.fuse_parts) == "embed":
+            return CANDIDATE_DEFAULTS["hybrid"]
+        return CANDIDATE_DEFAULTS.get(self.method, CANDIDATE_DEFAULTS["hybrid"])
 
     @property
     def reads_surrogate(self) -> bool:

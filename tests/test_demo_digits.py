@@ -169,7 +169,8 @@ def test_the_world_is_built_once_cached_and_its_flags_suit_every_stage(tmp_path,
     world, built = build_world("diffusion", seed=0, cache=tmp_path)
     assert built and world.family == "diffusion" and world.target == dd.TARGET
     assert world.pretraining["steps"] == 1 and world.pretraining["clip"]["steps"] == 1
-    assert world.demo_methods == ("embed", "influence")
+    assert world.demo_methods == ("mmr", "embed", "influence")
+    assert world.fuse_of("mmr") == ("embed",) and world.fuse_of("embed") == ()
     again, built = dd.digits_world(seed=0, cache=tmp_path)
     assert not built and again == world
     for path in (
@@ -298,16 +299,22 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     assert "BAT demo (diffusion): target domain 'seven'" in table
     for name in (
         "surrogate",
+        "scores-mmr",
         "scores-influence",
         "scores-embed",
+        "select-mmr",
         "select-influence",
         "select-embed",
         "select-random",
         "oracle",
     ):
         assert (out / name / "manifest.json").is_file(), name
-    # batctl's default given a CLIP is CLIP retrieval with the world's CLIP; beside it, the
-    # default without one: influence from the surrogate, with the recipe's loss draws
+    # batctl's default given a CLIP is mmr over CLIP retrieval with the world's CLIP; beside it
+    # CLIP retrieval alone and the default without a CLIP: influence from the surrogate, with
+    # the recipe's loss draws
+    mmr = json.loads((out / "scores-mmr" / "manifest.json").read_text())
+    assert mmr["params"]["fuse"] == ["embed"] and mmr["inputs"]["clip"]["path"].endswith("/clip")
+    assert "surrogate" not in mmr["inputs"]
     embed = json.loads((out / "scores-embed" / "manifest.json").read_text())
     assert embed["inputs"]["clip"]["path"].endswith("/clip") and "surrogate" not in embed["inputs"]
     influence = json.loads((out / "scores-influence" / "manifest.json").read_text())
@@ -316,7 +323,7 @@ def test_demo_diffusion_runs_the_whole_pipeline_and_reports(cli, tmp_path, monke
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
     rows = {r["adapter"]: r for r in results["rows"]}
-    assert set(rows) == {"none", "random-g0.5", "embed-g0.5", "influence-g0.5"}
+    assert set(rows) == {"none", "random-g0.5", "mmr-g0.5", "embed-g0.5", "influence-g0.5"}
     for label, row in rows.items():
         assert row["heldout_loss"] == pytest.approx(metrics[label]["heldout_loss"])
         assert (out / "train" / label / "pytorch_lora_weights.safetensors").is_file()

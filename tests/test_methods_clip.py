@@ -133,8 +133,9 @@ def test_the_digits_worlds_clip_learns_to_match_images_and_captions(tmp_path):
 
 
 def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
-    """--method auto (the default): a diffusion model's pool is ranked by CLIP when --clip is
-    given, else by influence, which needs the surrogate; the store records the method it ran."""
+    """--method auto (the default): a diffusion model's pool is ranked by mmr over CLIP
+    retrieval when --clip is given, else by influence, which needs the surrogate; the store
+    records the method it ran."""
     base = (
         "score", "--model", setup["model"], "--data", setup["data"], "--pool", setup["pool"],
         "--instance-prompt", "a photo of sks toy", "--resolution", "16",
@@ -148,12 +149,10 @@ def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
     ran = cli(*base, "--clip", setup["clip"], "--out", tmp_path / "b", "--json")
     assert ran.exit_code == 0, ran.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert (
-        manifest["params"]["method"] == "embed"
-        and ScoreStore.open(tmp_path / "b").group.attrs["method"] == "embed"
-    )
-    # with the surrogate too: still CLIP retrieval (it beat the z-sum with influence on the
-    # dev digits)
+    assert manifest["params"]["method"] == "mmr" and manifest["params"]["fuse"] == ["embed"]
+    assert ScoreStore.open(tmp_path / "b").group.attrs["method"] == "mmr"
+    # with the surrogate too: still no influence (CLIP retrieval beat the z-sum with influence
+    # on the dev digits)
     trained = cli(
         "surrogate", "--model", setup["model"], "--data", setup["data"], "--resolution", "16",
         "--instance-prompt", "a photo of sks toy", "--steps", "2", "--batch-size", "2",
@@ -166,7 +165,7 @@ def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
     )  # fmt: skip
     assert both.exit_code == 0, both.stderr
     params = json.loads((tmp_path / "d" / "manifest.json").read_text())["params"]
-    assert params["method"] == "embed" and "fuse" not in params
+    assert params["method"] == "mmr" and params["fuse"] == ["embed"]
     assert "surrogate" not in json.loads((tmp_path / "d" / "manifest.json").read_text())["inputs"]
     from batctl.tiny import build_tiny_lm
 

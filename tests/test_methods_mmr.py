@@ -132,7 +132,7 @@ def test_mmr_needs_a_surrogate_only_when_fuse_names_influence(setup, cli_module,
     assert result.exit_code == 0, result.stderr
     params = json.loads((tmp_path / "c" / "manifest.json").read_text())["params"]
     assert params["fuse"] == ["bm25", "tfidf"] and params["diversity"] == 0.5
-    assert params["candidates"] == 256 and "prefilter" not in params and "damping" not in params
+    assert params["candidates"] == 1024 and "prefilter" not in params and "damping" not in params
     result = cli_module(*common, "--fuse", "bm25", "--fuse", "tfidf", "--diversity", "1",
                         "--candidates", "0", "--out", tmp_path / "b")  # fmt: skip
     assert result.exit_code == 2
@@ -191,3 +191,15 @@ def test_mmr_order_is_a_permutation_that_takes_the_best_marginal_value_each_step
         redundancy = np.maximum(redundancy, similarity[:, pick])
     if diversity == 0:
         assert order.tolist() == np.argsort(-relevance, kind="stable").tolist()
+
+
+def test_candidates_default_to_the_methods_own_count_and_enter_its_identity():
+    from batctl.stages.score import ScoreConfig
+
+    mmr, hybrid = ScoreConfig(method="mmr"), ScoreConfig(method="hybrid")
+    assert (mmr.candidate_count, hybrid.candidate_count) == (1024, 256)
+    assert mmr.params()["candidates"] == 1024 and hybrid.params()["candidates"] == 256
+    assert ScoreConfig(method="mmr", candidates=64).params()["candidates"] == 64
+    # mmr over embeddings alone keeps the count it was measured with (the dev digits)
+    assert ScoreConfig(method="mmr", fuse=("embed",)).candidate_count == 256
+    assert "candidates" not in ScoreConfig(method="bm25").params()

@@ -104,11 +104,13 @@ RECIPE = {
     "oracle_flags": ORACLE_FLAGS,
     "surrogate_flags": SURROGATE_FLAGS,
     "score_flags": SCORE_FLAGS,
-    "demo_methods": ("embed", "influence"),
+    "demo_methods": ("mmr", "embed", "influence"),
+    "method_flags": {"mmr": {"fuse": ("embed",)}},
 }
 """How the demo runs the stages on this world (not part of the world's identity); the demo
-compares batctl's default for a diffusion model given a CLIP (`score --method auto --clip`: CLIP
-retrieval, embed with the world's CLIP) with its default without one (influence, from the
+compares batctl's default for a diffusion model given a CLIP (`score --method auto --clip`: mmr
+over CLIP retrieval, `--fuse embed` with the world's CLIP) with the strongest cheap baseline,
+CLIP retrieval alone (embed), and with the default without a CLIP (influence, from the
 surrogate's gradients), which beats caption BM25, the cheap text baseline, in 12 of the 14 dev
 and fresh digit × γ cases (caption BM25 ranks the target digit at chance: a DreamBooth set has
 no captions to match)."""

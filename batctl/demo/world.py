@@ -28,6 +28,7 @@ RECIPE_FIELDS = (
     "surrogate_flags",
     "score_flags",
     "demo_methods",
+    "method_flags",
 )
 """World fields that come from the family's RECIPE at load time, not from world.json."""
 
@@ -90,6 +91,9 @@ class World:
     """What `batctl demo` compares by default: batctl's default method for the family and the
     strongest cheap baseline on it."""
 
+    method_flags: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Score flags of a demo method beyond --method (e.g. mmr's --fuse parts on an image world)."""
+
     def with_recipe(self, recipe: Mapping[str, dict[str, Any]]) -> World:
         """This world with the stage flags of ``recipe`` (keys: the ``*_flags`` field names).
 
@@ -103,6 +107,10 @@ class World:
                 for name, value in recipe.items()
             },
         )
+
+    def fuse_of(self, method: str) -> tuple[str, ...]:
+        """The --fuse parts the demo gives `method` on this world (() for the method's own)."""
+        return tuple(self.method_flags.get(method, {}).get("fuse", ()))
 
     def clip_flags(self, method: str, fuse: Sequence[str] = ()) -> dict[str, Any]:
         """{"clip": the world's CLIP} when `method` or one of its --fuse parts is embed and the

@@ -28,17 +28,18 @@ AUTO_METHODS: dict[tuple[str, bool, bool], tuple[str, tuple[str, ...]]] = {
     ("lm", False, True): ("mmr", ()),
     ("diffusion", False, False): ("influence", ()),
     ("diffusion", False, True): ("influence", ()),
-    ("diffusion", True, False): ("embed", ()),
-    ("diffusion", True, True): ("embed", ()),
+    ("diffusion", True, False): ("mmr", ("embed",)),
+    ("diffusion", True, True): ("mmr", ("embed",)),
 }
 """What `score --method auto` runs, by (model family, --clip given, --surrogate given): the
 method and its --fuse parts, the best measured on benchmarks/bat_quality.py's dev worlds. LMs:
 mmr. Diffusion: a DreamBooth set's images come with the instance prompt only, which names no
 subject a pool caption could match (caption bm25 and mmr rank the dev digit's pool images at
-AUC 0.50 and 0.00), so the images decide: CLIP retrieval whenever a CLIP is given (on four dev
-digits it beat the z-sum of influence and CLIP retrieval in 7 of 8 digit × γ cases by the
-mean over seeds, 6 in at least 2 of 3 seeds, and influence in 7; on the three fresh digits embed and the z-sum tie, 3 of 6 each), else
-influence (which needs the surrogate)."""
+AUC 0.50 and 0.00), so the images decide: whenever a CLIP is given, mmr over CLIP retrieval
+(`--fuse embed`: CLIP relevance, CLIP image cosine for redundancy), which on four dev digits
+ended below CLIP retrieval alone on average and in 5 of 8 digit × γ cases (a lead inside the
+seed-to-seed spread, taken by a rule written before the runs), and CLIP retrieval had beaten
+the z-sum with influence in 7 of 8; else influence (which needs the surrogate)."""
 
 
 def auto_method(family: str, clip: bool, surrogate: bool) -> tuple[str, tuple[str, ...]] | None:

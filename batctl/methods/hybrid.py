@@ -114,7 +114,7 @@ class Hybrid(Method):
         if not path.is_file():
             values = prefilter_all(pool, prefilter)
             finite = np.where(np.isfinite(values), values, -np.inf)
-            rows = top_rows(finite, min(config.candidates, int(np.isfinite(values).sum())))
+            rows = top_rows(finite, min(config.candidate_count, int(np.isfinite(values).sum())))
             save_state(path, {"rows": rows.astype(np.int64)}, {"prefilter": config.prefilter})
             log.info(
                 "hybrid: %s prefilter kept %d of %d rows for influence to re-rank",

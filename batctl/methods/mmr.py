@@ -182,7 +182,8 @@ class Mmr(Method):
             relevance = prefilter_all(pool, relevance_scorer)
             readable = np.isfinite(relevance)
             rows = top_rows(
-                np.where(readable, relevance, -np.inf), min(config.candidates, int(readable.sum()))
+                np.where(readable, relevance, -np.inf),
+                min(config.candidate_count, int(readable.sum())),
             )
             if space == "tfidf":
                 vectors = tfidf_vectors(pool, rows, idf, config)
