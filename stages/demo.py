@@ -46,7 +46,7 @@ class DemoConfig(OutputOptions):
     """γ = n / (n + m) of each augmented training set, D_A's share (m pool samples added; comma lists allowed)."""
 
     method: tuple[str, ...] = ()
-    """Selection methods to compare (batctl score --method), each beside random and none; default: batctl's default for the family and the strongest cheap baseline (lm: mmr, bm25; diffusion: embed, CLIP retrieval with the world's CLIP, and influence, batctl's default without a CLIP)."""
+    """Selection methods to compare (batctl score --method), each beside random and none; default: batctl's default for the family and the strongest cheap baseline (lm: mmr, bm25; diffusion: mmr over CLIP retrieval with the world's CLIP, which the world gives --fuse embed whenever mmr is named, embed (CLIP retrieval alone) and influence, batctl's default without a CLIP)."""
 
     preconditioner: str = "woodbury"
     """Preconditioner of the gradient methods (influence, hybrid, fusion): woodbury, datainf, identity."""

@@ -49,10 +49,10 @@ class ScoreConfig(DataOptions):
     """--method hybrid: the cheap method whose top candidates influence re-ranks."""
 
     candidates: int | None = None
-    """--method hybrid: how many of the prefilter's top rows get a gradient (default 256); --method mmr: how many of the most relevant rows are re-ranked for diversity, the rest keep their order below them (default 1024 over text: on twelve dev worlds 106% of perfect-target's mean gain against 103% for 256, 102% for 512 and 94% for 64; 256 with --fuse embed alone, as measured on the dev digits)."""
+    """--method hybrid: how many of the prefilter's top rows get a gradient (default 256); --method mmr: how many of the most relevant rows are re-ranked for diversity, the rest keep their order below them (default 1024 over text: on twelve dev worlds 106% of perfect-target's mean gain against 103% for 256, 102% for 512 and 94% for 64; 256 when --fuse names embed and neither bm25 nor tfidf, as measured on the dev digits)."""
 
     diversity: float = 0.5
-    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine (the embedding's with --fuse embed alone) to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85, kept on twelve dev worlds: 103% against 83, 82 and 53% for 0.3, 0.7, 0.85; 0.7 led under an overfitting recipe)."""
+    """--method mmr: λ in [0, 1), the weight of a row's highest TF-IDF cosine (the embedding's when --fuse names embed and neither bm25 nor tfidf) to the adaptation set and to the rows picked before it, against (1 − λ) for its relevance (0.5: the highest mean share of perfect-target's gain on the five dev worlds at the demo's train recipe, 86% against 79% for 0.7 and 56% for 0.85, kept on twelve dev worlds: 103% against 83, 82 and 53% for 0.3, 0.7, 0.85; 0.7 led under an overfitting recipe)."""
 
     fuse: tuple[str, ...] = ()
     """--method fusion and mmr: the methods whose z-scores are added, of influence, bm25, tfidf, embed (repeat the flag): two or more for fusion, one or more for mmr (one: that method's relevance alone); default: influence, bm25, tfidf for fusion; bm25, tfidf for mmr."""
@@ -186,6 +186,12 @@ class ScoreConfig(DataOptions):
             out.pop(name, None)
         if "candidates" in kept:
             out["candidates"] = self.candidate_count
+        if self.method == "mmr":
+            from batctl.methods.mmr import similarity_space
+
+            if similarity_space(self.fuse_parts) == "embed":
+                # stores from before the embedding cosine measured TF-IDF redundancy: not reused
+                out["similarity"] = "embed"
         out.pop("clip", None)  # an input (fingerprinted), not a setting
         from batctl.methods import FUSE_DEFAULTS
 

@@ -150,6 +150,9 @@ def test_method_auto_is_the_familys_measured_default(cli, setup, tmp_path):
     assert ran.exit_code == 0, ran.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["params"]["method"] == "mmr" and manifest["params"]["fuse"] == ["embed"]
+    # over embeddings mmr re-ranks the 256 rows it was measured with, and the store says so
+    assert manifest["params"]["candidates"] == 256
+    assert manifest["params"]["similarity"] == "embed"
     assert ScoreStore.open(tmp_path / "b").group.attrs["method"] == "mmr"
     # with the surrogate too: still no influence (CLIP retrieval beat the z-sum with influence
     # on the dev digits)

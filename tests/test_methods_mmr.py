@@ -202,4 +202,7 @@ def test_candidates_default_to_the_methods_own_count_and_enter_its_identity():
     assert ScoreConfig(method="mmr", candidates=64).params()["candidates"] == 64
     # mmr over embeddings alone keeps the count it was measured with (the dev digits)
     assert ScoreConfig(method="mmr", fuse=("embed",)).candidate_count == 256
+    # and its identity differs from the TF-IDF-redundancy stores written before it existed
+    assert ScoreConfig(method="mmr", fuse=("embed",)).params()["similarity"] == "embed"
+    assert "similarity" not in mmr.params()
     assert "candidates" not in ScoreConfig(method="bm25").params()

@@ -12,8 +12,8 @@ Goldstein 1998) picks greedily
 over the `--candidates` rows of highest relevance, where rel is the `--fuse` z-score sum (the
 fusion method) rescaled to [0, 1] over the candidates, cos is the TF-IDF cosine (the tfidf
 method's vectors) and λ is `--diversity`. The adaptation set counts as already picked, so a
-paraphrase of a D_A sample ranks low. With `--fuse embed` alone (CLIP retrieval's relevance
-with `--clip`), cos is the embedding cosine instead: a DreamBooth set's images have no words,
+paraphrase of a D_A sample ranks low. When `--fuse` names embed and neither bm25 nor tfidf
+(CLIP retrieval's relevance with `--clip`), cos is the embedding cosine instead: a DreamBooth set's images have no words,
 and near-copies of its images are what an image pool's top holds.
 
 Each row's stored score keeps the order `select` must take:
