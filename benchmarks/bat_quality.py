@@ -392,9 +392,9 @@ def label(method: str, g: float | None, seed: int) -> str:
     return f"none-s{seed}" if method == "none" else f"{method}-g{g}-s{seed}"
 
 
-def paired(result: dict[str, Any], a: str, b: str, g: float) -> dict[str, float] | None:
-    """a − b held-out loss at γ, paired by seed (b = none: plain adaptation, which has no γ):
-    mean, min, max and in how many seeds a is better; None when a run is missing."""
+def seed_diffs(result: dict[str, Any], a: str, b: str, g: float) -> list[float] | None:
+    """a − b held-out loss at γ, one per training seed (b = none: plain adaptation, which has
+    no γ); None when a run is missing."""
     diffs = []
     for seed in result["seeds"]:
         la = result["loss"].get(label(a, g, seed))
@@ -402,6 +402,15 @@ def paired(result: dict[str, Any], a: str, b: str, g: float) -> dict[str, float]
         if la is None or lb is None:
             return None
         diffs.append(la - lb)
+    return diffs
+
+
+def paired(result: dict[str, Any], a: str, b: str, g: float) -> dict[str, float] | None:
+    """a − b held-out loss at γ, paired by seed: mean, min, max and in how many seeds a is
+    better; None when a run is missing."""
+    diffs = seed_diffs(result, a, b, g)
+    if diffs is None:
+        return None
     return {
         "mean": mean(diffs),
         "min": min(diffs),
@@ -534,18 +543,12 @@ def pooled(
     out = {}
     for rival in rivals:
         rng = np.random.default_rng(seed)  # each rival's interval whatever the others are
-        cases = []
-        for result in results.values():
-            for g in result["gammas"]:
-                diffs = []
-                for s in result["seeds"]:
-                    a = result["loss"].get(label(default, g, s))
-                    b = result["loss"].get(label(rival, g, s))
-                    if a is None or b is None:
-                        break
-                    diffs.append(a - b)
-                else:
-                    cases.append(diffs)
+        found = (
+            seed_diffs(result, default, rival, g)
+            for result in results.values()
+            for g in result["gammas"]
+        )
+        cases = [diffs for diffs in found if diffs is not None]
         if not cases:
             continue
         flat = [d for case in cases for d in case]

@@ -25,8 +25,9 @@ INFLUENCE_FLAGS = ("surrogate", "preconditioner", "damping", "engine", "normaliz
 """Flags only the gradient methods read."""
 HYBRID_FLAGS = ("prefilter", "candidates")
 MMR_FLAGS = ("candidates", "diversity", "fuse")
-CANDIDATE_DEFAULTS = {"hybrid": 256, "mmr": 1024}
-"""--candidates when not given, by method (mmr's chosen on the twelve LM dev worlds)."""
+CANDIDATE_DEFAULTS = {"hybrid": 256, "mmr": 1024, "mmr over embeddings": 256}
+"""--candidates when not given: hybrid's; mmr's over text (chosen on the twelve LM dev worlds);
+mmr's over embeddings alone (the count it was measured with on the dev digits)."""
 
 
 @dataclass(frozen=True)
@@ -186,12 +187,9 @@ class ScoreConfig(DataOptions):
             out.pop(name, None)
         if "candidates" in kept:
             out["candidates"] = self.candidate_count
-        if self.method == "mmr":
-            from batctl.methods.mmr import similarity_space
-
-            if similarity_space(self.fuse_parts) == "embed":
-                # stores from before the embedding cosine measured TF-IDF redundancy: not reused
-                out["similarity"] = "embed"
+        if self.method == "mmr" and self.similarity == "embed":
+            # stores from before the embedding cosine measured TF-IDF redundancy: not reused
+            out["similarity"] = "embed"
         out.pop("clip", None)  # an input (fingerprinted), not a setting
         from batctl.methods import FUSE_DEFAULTS
 
@@ -204,15 +202,19 @@ class ScoreConfig(DataOptions):
         return out
 
     @property
-    def candidate_count(self) -> int:
-        """--candidates, else the method's own default (CANDIDATE_DEFAULTS; mmr over
-        embeddings alone keeps 256, the count it was measured with on the dev digits)."""
-        if self.candidates is not None:
-            return self.candidates
+    def similarity(self) -> str:
+        """Where mmr measures redundancy for the --fuse parts: "embed" or "tfidf"."""
         from batctl.methods.mmr import similarity_space
 
-        if self.method == "mmr" and similarity_space(self.fuse_parts) == "embed":
-            return CANDIDATE_DEFAULTS["hybrid"]
+        return similarity_space(self.fuse_parts)
+
+    @property
+    def candidate_count(self) -> int:
+        """--candidates, else the default of the method that reads it (CANDIDATE_DEFAULTS)."""
+        if self.candidates is not None:
+            return self.candidates
+        if self.method == "mmr" and self.similarity == "embed":
+            return CANDIDATE_DEFAULTS["mmr over embeddings"]
         return CANDIDATE_DEFAULTS.get(self.method, CANDIDATE_DEFAULTS["hybrid"])
 
     @property

@@ -172,7 +172,7 @@ class Mmr(Method):
         from batctl.methods.lexical import load_state, save_state
 
         relevance_scorer = Fusion().prepare(work, pool, config)
-        space = similarity_space(config.fuse_parts)
+        space = config.similarity
         if space == "tfidf":
             folder = work / "tfidf"  # fusion's own tfidf state when --fuse names it
             folder.mkdir(exist_ok=True)
