@@ -28,9 +28,11 @@ the Gram matrices are formed; then (n + k_max)² × 8 bytes per layer.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,8 @@ from batctl.influence.grads import per_sample_grads
 from batctl.influence.layers import discover_layers
 from batctl.influence.target import DEAD_LAYER_RMS
 from batctl.tasks.base import Task
+
+log = logging.getLogger("batctl.select")
 
 
 @dataclass
@@ -196,3 +200,89 @@ def choose_auto(
         if chosen is None and r["holds"]:
             chosen = (gamma, k)
     return chosen, rows
+
+
+def selection_reports(
+    config: Any,
+    source: Any,
+    plan: Any,
+    fetch: Any,
+    surrogate: Path | None,
+    auto: bool,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Both sides of Proposition 2 for every value of a selection `plan` (and the --gamma auto
+    grid, whose chosen γ is appended to plan.values as gamma-auto), for `select`: `config` is its
+    SelectConfig, `source` the score store, `fetch` the pool fetcher (None: no pool rows),
+    `surrogate` the adapter directory. Returns (report per value name, the --gamma auto report
+    or None). Loads the model."""
+    from batctl.samples import load_samples
+    from batctl.selection import GAMMA_GRID, Value
+    from batctl.tasks import load_task
+    from batctl.tasks.base import TaskSettings
+
+    params = source.params
+    c = config.damping if config.damping is not None else float(params.get("damping", 0.1))
+    settings = TaskSettings(
+        model=str(config.model),
+        dtype=params.get("dtype", "fp32"),
+        trust_remote_code=config.trust_remote_code,
+        max_length=int(params.get("max_length", 512)),
+        instance_prompt=params.get("instance_prompt"),
+        resolution=params.get(
+            "resolution"
+        ),  # None: the model's native size, as the score run had it
+        flip=bool(params.get("flip", False)),
+        loss_draws=int(params.get("loss_draws", 4)),
+    )
+    adaptation = load_samples(
+        config.data,
+        flag="--data",
+        strict=bool(params.get("strict", False)),
+        paragraphs=bool(params.get("paragraphs", False)),
+    )
+    longest = max([v.count for v in plan.values] + [k for _, k in plan.auto_grid], default=0)
+    rows = plan.stream[:longest]
+    pool_samples = [fetch.decoded(int(r)) for r in rows] if fetch is not None else []
+    log.info(
+        "Proposition 2: gradients of %d adaptation and %d pool samples",
+        len(adaptation),
+        len(pool_samples),
+    )
+    task = load_task(settings, params.get("task", "auto"))
+    task.load_adapter(surrogate, trainable=True)
+    task.model.eval()
+    grams = gradient_grams(task, adaptation, pool_samples, c, config.batch_size)
+    if grams.n != plan.n:
+        log.warning(
+            "--data has %d finite adaptation samples, the score store %d: γ is computed with the "
+            "store's n",
+            grams.n,
+            plan.n,
+        )
+    cache: dict[str, tuple[float, float]] = {}
+    reports = {v.name: report(grams, v.count, cache) for v in plan.values}
+    auto_report = None
+    if auto:
+        chosen, grid = choose_auto(grams, plan.auto_grid, cache)
+
+        if chosen is None:
+            log.warning(
+                "--gamma auto: Proposition 2 holds at no γ of the grid %s..%s that the pool can "
+                "serve; gamma-auto is the empty selection (plain adaptation)",
+                GAMMA_GRID[0],
+                GAMMA_GRID[-1],
+            )
+            value = Value("auto", None, 0, plan.n)
+        else:
+            log.info("--gamma auto: Proposition 2 holds from γ = %s (m = %d)", *chosen)
+            value = Value("auto", chosen[0], chosen[1], plan.n)
+        plan.values.append(value)
+        reports[value.name] = report(grams, value.count, cache)
+        auto_report = {
+            "gamma": None if chosen is None else chosen[0],
+            "count": value.count,
+            "grid": grid,
+            "grid_gammas": list(GAMMA_GRID),
+            "holds_nowhere": chosen is None,
+        }
+    return reports, auto_report

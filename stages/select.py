@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -13,6 +12,13 @@ from batctl.config import OutputOptions, flag_name
 from batctl.errors import BatctlError
 from batctl.fetch import Fetcher, write_tars
 from batctl.previews import plot_scores, pool_samples, write_preview
+from batctl.selection_files import (
+    SELECTION_JSON,
+    selection_payload,
+    top_summary,
+    write_json,
+    write_manifest,
+)
 
 log = logging.getLogger("batctl.select")
 
@@ -146,7 +152,6 @@ class SelectConfig(OutputOptions):
 
 PROP2_FIELDS = ("model", "surrogate", "data", "damping", "batch_size", "trust_remote_code")
 """Select's flags that only Proposition 2 (--prop2, --gamma auto) reads."""
-SELECTION_JSON = "selection.json"
 
 
 def run(config: SelectConfig) -> dict[str, Any]:
@@ -241,14 +246,16 @@ def run(config: SelectConfig) -> dict[str, Any]:
         reports: dict[str, Any] = {}
         auto_report = None
         if config.loads_model:
-            reports, auto_report = proposition2(config, source, plan, fetch, surrogate, auto)
+            from batctl.prop2 import selection_reports
+
+            reports, auto_report = selection_reports(config, source, plan, fetch, surrogate, auto)
         top_level = not plan.values  # --strategy none alone: --out is the (empty) selection
         write_tars(out.work, plan, fetch, top_level)
         summary = top_summary(plan, source, config, reports, auto_report)
         if top_level:
             payload = selection_payload(None, plan, source, config, fetch, None, None)
             write_preview(out.work, None, plan, fetch)
-            _write_json(out.work / SELECTION_JSON, {**summary, **payload})
+            write_json(out.work / SELECTION_JSON, {**summary, **payload})
         for value in plan.values:
             directory = out.work / value.name
             payload = selection_payload(
@@ -260,7 +267,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
                 reports.get(value.name),
                 auto_report if value.kind == "auto" else None,
             )
-            _write_json(directory / SELECTION_JSON, payload)
+            write_json(directory / SELECTION_JSON, payload)
             write_preview(directory, value, plan, fetch)
             plot_scores(
                 directory / "scores.png",
@@ -280,7 +287,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
             )
         # save
         if not top_level:
-            _write_json(out.work / SELECTION_JSON, summary)
+            write_json(out.work / SELECTION_JSON, summary)
         plot_scores(
             out.work / "scores.png",
             columns,
@@ -320,216 +327,3 @@ def gamma_summary(value: Any, n: int) -> str:
     if asked is not None and abs(float(asked) - value.gamma) > 5e-5:
         text += f" (asked {float(asked):.4g}; m is rounded to whole samples)"
     return text
-
-
-# ------------------------------------------------------------------------------ Proposition 2
-
-
-def proposition2(
-    config: SelectConfig,
-    source: Any,
-    plan: Any,
-    fetch: Fetcher | None,
-    surrogate: Path | None,
-    auto: bool,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Both sides of Proposition 2 for every value (and the --gamma auto grid, whose chosen γ
-    is appended to plan.values as gamma-auto). Loads the model: torch is imported here."""
-    from batctl import prop2
-    from batctl.samples import load_samples
-    from batctl.selection import GAMMA_GRID, Value
-    from batctl.tasks import load_task
-    from batctl.tasks.base import TaskSettings
-
-    params = source.params
-    c = config.damping if config.damping is not None else float(params.get("damping", 0.1))
-    settings = TaskSettings(
-        model=str(config.model),
-        dtype=params.get("dtype", "fp32"),
-        trust_remote_code=config.trust_remote_code,
-        max_length=int(params.get("max_length", 512)),
-        instance_prompt=params.get("instance_prompt"),
-        resolution=params.get(
-            "resolution"
-        ),  # None: the model's native size, as the score run had it
-        flip=bool(params.get("flip", False)),
-        loss_draws=int(params.get("loss_draws", 4)),
-    )
-    adaptation = load_samples(
-        config.data,
-        flag="--data",
-        strict=bool(params.get("strict", False)),
-        paragraphs=bool(params.get("paragraphs", False)),
-    )
-    longest = max([v.count for v in plan.values] + [k for _, k in plan.auto_grid], default=0)
-    rows = plan.stream[:longest]
-    pool_samples = [fetch.decoded(int(r)) for r in rows] if fetch is not None else []
-    log.info(
-        "Proposition 2: gradients of %d adaptation and %d pool samples",
-        len(adaptation),
-        len(pool_samples),
-    )
-    task = load_task(settings, params.get("task", "auto"))
-    task.load_adapter(surrogate, trainable=True)
-    task.model.eval()
-    grams = prop2.gradient_grams(task, adaptation, pool_samples, c, config.batch_size)
-    if grams.n != plan.n:
-        log.warning(
-            "--data has %d finite adaptation samples, the score store %d: γ is computed with the "
-            "store's n",
-            grams.n,
-            plan.n,
-        )
-    cache: dict[str, tuple[float, float]] = {}
-    reports = {v.name: prop2.report(grams, v.count, cache) for v in plan.values}
-    auto_report = None
-    if auto:
-        chosen, grid = prop2.choose_auto(grams, plan.auto_grid, cache)
-
-        if chosen is None:
-            log.warning(
-                "--gamma auto: Proposition 2 holds at no γ of the grid %s..%s that the pool can "
-                "serve; gamma-auto is the empty selection (plain adaptation)",
-                GAMMA_GRID[0],
-                GAMMA_GRID[-1],
-            )
-            value = Value("auto", None, 0, plan.n)
-        else:
-            log.info("--gamma auto: Proposition 2 holds from γ = %s (m = %d)", *chosen)
-            value = Value("auto", chosen[0], chosen[1], plan.n)
-        plan.values.append(value)
-        reports[value.name] = prop2.report(grams, value.count, cache)
-        auto_report = {
-            "gamma": None if chosen is None else chosen[0],
-            "count": value.count,
-            "grid": grid,
-            "grid_gammas": list(GAMMA_GRID),
-            "holds_nowhere": chosen is None,
-        }
-    return reports, auto_report
-
-
-# ------------------------------------------------------------------------------ outputs
-
-
-def selection_payload(
-    value: Any,
-    plan: Any,
-    source: Any,
-    config: SelectConfig,
-    fetch: Fetcher | None,
-    report: dict[str, Any] | None,
-    auto_report: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """selection.json of one selection directory."""
-    from batctl.selection import cut_of
-
-    count = value.count if value is not None else 0
-    chosen = []
-    for j, row in enumerate(plan.stream[:count].tolist()):
-        part, offset, key = fetch.where(row)  # type: ignore[union-attr]
-        chosen.append(
-            {
-                "rank": j + 1,
-                "key": key,
-                "score": float(plan.stream_scores[j]),
-                "part": part,
-                "offset": offset,
-                "row": row,
-            }
-        )
-    kind = value.kind if value is not None else None
-    payload: dict[str, Any] = {
-        "value": value.name if value is not None else None,
-        "strategy": plan.strategy,
-        "gamma": value.gamma if value is not None else 1.0,
-        "gamma_definition": "n / (n + m): n = n_adaptation, m = count (pool samples added)",
-        "gamma_requested": (
-            value.requested if kind == "gamma" else "auto" if kind == "auto" else None
-        ),
-        "count": count,
-        "threshold": value.requested if kind == "threshold" else None,
-        "seed": config.seed,
-        "dedupe": config.dedupe,
-        "n_adaptation": plan.n,
-        "eligible": plan.eligible,
-        "cut": cut_of(plan, value) if value is not None else None,
-        "scores": str(source.path),
-        "pool": source.pool_paths() if fetch is not None else [],
-        "chosen": chosen,
-    }
-    if report is not None:
-        payload["prop2"] = report
-    if auto_report is not None:
-        payload["auto"] = auto_report
-    return payload
-
-
-def write_manifest(directory: Path, out: Any, name: str) -> None:
-    """The manifest of one selection directory (written last inside it): the same fields and
-    inputs as --out's, so `train --selection` follows it upstream to the model."""
-    import socket
-
-    from batctl import __version__
-    from batctl.artifacts import MANIFEST, utcnow
-
-    outputs = {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-    manifest = {
-        "stage": "select",
-        "params": {**out.params, "value": name},
-        "inputs": out.inputs,
-        "version": __version__,
-        "outputs": outputs,
-        "started": out.started,
-        "finished": utcnow(),
-        "host": socket.gethostname(),
-    }
-    _write_json(directory / MANIFEST, manifest)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    from batctl.metrics.report import jsonable  # strict JSON: NaN and infinities become null
-
-    path.write_text(
-        json.dumps(jsonable(payload), indent=2, sort_keys=False, allow_nan=False, default=str)
-        + "\n",
-        encoding="utf-8",
-    )
-
-
-def top_summary(
-    plan: Any,
-    source: Any,
-    config: SelectConfig,
-    reports: dict[str, Any],
-    auto_report: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """--out's selection.json: the store, the eligible pool, and one line per selection."""
-    from batctl.selection import cut_of
-
-    selections = {}
-    for value in plan.values:
-        entry: dict[str, Any] = {
-            "gamma": value.gamma,
-            "gamma_requested": value.requested if value.kind in ("gamma", "auto") else None,
-            "count": value.count,
-            "threshold": value.requested if value.kind == "threshold" else None,
-            "cut": cut_of(plan, value),
-        }
-        if value.name in reports:
-            report = reports[value.name]
-            entry.update(holds=report["holds"], bat=report["bat"], adaptation=report["adaptation"])
-        selections[value.name] = entry
-    return {
-        "scores": str(source.path),
-        "complete_store": source.complete,
-        **plan.summary(),
-        "seed": config.seed,
-        "dedupe": config.dedupe,
-        "selections": selections,
-        "auto": auto_report,
-    }

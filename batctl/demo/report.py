@@ -11,6 +11,7 @@ from typing import Any
 
 from batctl.demo.world import World
 from batctl.selection import value_name
+from batctl.selection_files import read_chosen
 
 
 def adapter_label(strategy: str, gamma: float | None = None) -> str:
@@ -29,7 +30,7 @@ def selection_dir(out: Path, strategy: str, gamma: float) -> Path:
 
 def target_share(selection: Path, world: World) -> tuple[int, float | None]:
     """(selected count, share of them from the target domain; None when nothing was selected)."""
-    chosen = json.loads((selection / "selection.json").read_text())["chosen"]
+    chosen = read_chosen(selection)
     if not chosen:
         return 0, None
     hits = sum(World.domain_of(c["key"]) == world.target for c in chosen)
