@@ -51,11 +51,15 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --domains idlelib concurrency --methods $(DEV_METHODS) --out runs/bat-quality-dev-new
 	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --world-seed 1 --methods $(DEV_METHODS) --out runs/bat-quality-dev-ws1
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-c256 mmr-d7 bm25 tfidf dsir embed
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr mmr-c256 bm25 tfidf dsir embed influence --out runs/bat-quality-ws1
+	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json --out runs/bat_quality-lm-pooled.md
 	$(PYTHON) benchmarks/bat_quality.py --train 24,1e-3,3 --out runs/bat-quality-plain-cv --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods mmr-clip embed --seeds 3 4 5 --out runs/bat-quality-digits-dev
 	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods mmr-clip embed fusion-clip influence bm25 --out runs/bat-quality-digits-dev
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
+	$(PYTHON) benchmarks/bat_quality.py --family digits --world-seed 1 --methods mmr-clip embed bm25 influence --out runs/bat-quality-digits-ws1
+	$(PYTHON) benchmarks/pool_reports.py --default mmr-clip runs/bat-quality-digits/bat_quality.json runs/bat-quality-digits-ws1/bat_quality.json --out runs/bat_quality-digits-pooled.md
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 40,1e-3,4 --out runs/bat-quality-digits-40
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long
 

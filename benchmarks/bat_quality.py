@@ -570,6 +570,55 @@ def pooled(
     return out
 
 
+def summarize(
+    results: dict[str, dict[str, Any]], methods: list[str], default: str, digits: bool
+) -> tuple[list[str], dict[str, Any]]:
+    """The report's closing tables over every case of `results`: the goal per case for
+    `default`, every method judged by the goal's criteria, and the default against each rival
+    pooled over every case. Returns (markdown lines, {"goal", "goal_counts", "pooled",
+    "default"} for the JSON)."""
+    markdown: list[str] = []
+    baselines = ("bm25", "embed") if digits else BASELINES
+    every = [m for m in ("random", "none", *baselines) if m in methods]
+    rivals = [m for m in every if m != default]
+    checked = goal(results, default, rivals)
+    markdown.append("### Goal (default: " + default + ")\n")
+    for key, value in checked.items():
+        lost = [r for r, ok in value["beats"].items() if not ok]
+        share = value["gain_share"]
+        markdown.append(
+            f"- {key}: {'met' if value['met'] else 'NOT met'}; gain share "
+            f"{'- (perfect-target does not beat none)' if share is None else f'{100 * share:.0f}%'}; loses (or ties) to: {', '.join(lost) or 'nobody'}"
+        )
+    counts = goal_counts(results, methods, every)
+    markdown.append(
+        "\n### Every method judged by the goal's criteria (rivals: "
+        + ", ".join(every)
+        + ", each but itself)\n\n| method | beats every rival | meets the goal |\n|---|---|---|"
+    )
+    for method, c in sorted(counts.items(), key=lambda kv: -kv[1]["met"]):
+        markdown.append(f"| {method} | {c['beats_all']}/{c['cases']} | {c['met']}/{c['cases']} |")
+    together = pooled(results, default, [*rivals, "perfect"])
+    p = 4 if not digits else 6
+    markdown.append(
+        f"\n### {default} against each rival, pooled over every case (default − rival; "
+        "95% interval: cases resampled, 2000 draws)\n\n"
+        "| rival | cases | seed pairs where the default is lower | mean difference | 95% interval |"
+        "\n|---|---|---|---|---|"
+    )
+    for rival, v in together.items():
+        interval = "-" if v["low"] is None else f"[{v['low']:+.{p}f}, {v['high']:+.{p}f}]"
+        markdown.append(
+            f"| {rival} | {v['cases']} | {v['lower']}/{v['pairs']} | {v['mean']:+.{p}f} | {interval} |"
+        )
+    return markdown, {
+        "goal": checked,
+        "goal_counts": counts,
+        "pooled": together,
+        "default": default,
+    }
+
+
 def plot(
     results: dict[str, dict[str, Any]], methods: list[str], path: Path, family: str = "LM"
 ) -> None:
@@ -712,49 +761,15 @@ def main() -> None:
         (args.out / f"bat_quality-{domain}.md").write_text(markdown[-1], encoding="utf-8")
     if not results:
         return
-    baselines = ("bm25", "embed") if digits else BASELINES
-    every = [m for m in ("random", "none", *baselines) if m in methods]
-    rivals = [m for m in every if m != args.default]
-    checked = goal(results, args.default, rivals)
-    markdown.append("### Goal (default: " + args.default + ")\n")
-    for key, value in checked.items():
-        lost = [r for r, ok in value["beats"].items() if not ok]
-        share = value["gain_share"]
-        markdown.append(
-            f"- {key}: {'met' if value['met'] else 'NOT met'}; gain share "
-            f"{'- (perfect-target does not beat none)' if share is None else f'{100 * share:.0f}%'}; loses (or ties) to: {', '.join(lost) or 'nobody'}"
-        )
-    counts = goal_counts(results, methods, every)
-    markdown.append(
-        "\n### Every method judged by the goal's criteria (rivals: "
-        + ", ".join(every)
-        + ", each but itself)\n\n| method | beats every rival | meets the goal |\n|---|---|---|"
-    )
-    for method, c in sorted(counts.items(), key=lambda kv: -kv[1]["met"]):
-        markdown.append(f"| {method} | {c['beats_all']}/{c['cases']} | {c['met']}/{c['cases']} |")
-    together = pooled(results, args.default, [*rivals, "perfect"])
-    p = 4 if not digits else 6
-    markdown.append(
-        f"\n### {args.default} against each rival, pooled over every case (default − rival; "
-        "95% interval: cases resampled, 2000 draws)\n\n"
-        "| rival | cases | seed pairs where the default is lower | mean difference | 95% interval |"
-        "\n|---|---|---|---|---|"
-    )
-    for rival, v in together.items():
-        interval = "-" if v["low"] is None else f"[{v['low']:+.{p}f}, {v['high']:+.{p}f}]"
-        markdown.append(
-            f"| {rival} | {v['cases']} | {v['lower']}/{v['pairs']} | {v['mean']:+.{p}f} | {interval} |"
-        )
+    lines, summary = summarize(results, methods, args.default, digits)
+    markdown += lines
     text = "\n".join(markdown) + "\n"
     (args.out / "bat_quality.md").write_text(text, encoding="utf-8")
     (args.out / "bat_quality.json").write_text(
         json.dumps(
             {
                 "results": results,
-                "goal": checked,
-                "goal_counts": counts,
-                "pooled": together,
-                "default": args.default,
+                **summary,
             },
             indent=2,
             default=str,

@@ -4,6 +4,7 @@ rival, against a hand computation."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,50 @@ def test_pooled_interval_collapses_when_every_case_agrees(bq, difference, count)
     got = bq.pooled(results, "mmr", ["bm25"], draws=200)["bm25"]
     assert got["low"] == pytest.approx(difference) == pytest.approx(got["high"])
     assert got["lower"] == (3 * count if difference < 0 else 0)
+
+
+def test_pool_reports_renames_each_report_and_pools_their_cases(bq, tmp_path):
+    spec = importlib.util.spec_from_file_location("pool_reports", SCRIPT.parent / "pool_reports.py")
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    # report A was written when the default was a variant (mmr-c1024) and "mmr" meant another
+    a = {
+        "email": world(
+            {"mmr-c1024": [1.0, 2.0, 3.0], "mmr": [9.0, 9.0, 9.0], "bm25": [1.5, 1.5, 3.5]}
+        )
+    }
+    b = {"email": world({"mmr": [4.0, 4.0, 4.0], "bm25": [4.1, 3.9, 4.2]})}
+    (tmp_path / "bat_quality-lm.json").write_text(json.dumps({"results": a}))
+    (tmp_path / "bat_quality-lm-ws1.json").write_text(json.dumps({"results": b}))
+    reports = [
+        pr.parse_report(f"{tmp_path / 'bat_quality-lm.json'}:mmr=mmr-c256,mmr-c1024=mmr"),
+        pr.parse_report(str(tmp_path / "bat_quality-lm-ws1.json")),
+    ]
+    results = pr.pool_results(reports)
+    assert sorted(results) == ["email@lm", "email@lm-ws1"]
+    assert pr.methods_of(results["email@lm"]) == {"mmr", "mmr-c256", "bm25"}
+    assert results["email@lm"]["loss"]["mmr-g0.5-s1"] == 2.0
+    assert results["email@lm"]["loss"]["mmr-c256-g0.5-s1"] == 9.0
+    out = bq.pooled(results, "mmr", ["bm25"])["bm25"]
+    assert (out["cases"], out["pairs"], out["lower"]) == (2, 6, 4)
+    assert out["mean"] == pytest.approx(np.mean([-0.5, 0.5, -0.5, -0.1, 0.1, -0.2]))
+    with pytest.raises(SystemExit, match="OLD=NEW"):
+        pr.parse_report("x.json:mmr")
+
+
+def test_pool_reports_names_plain_reports_by_folder_and_refuses_a_clash(tmp_path):
+    spec = importlib.util.spec_from_file_location("pool_reports", SCRIPT.parent / "pool_reports.py")
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    for folder in ("bat-quality", "bat-quality-ws1"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bat_quality.json").write_text(
+            json.dumps({"results": {"email": world({"mmr": [1.0, 1.0, 1.0]})}})
+        )
+    plain = [
+        pr.parse_report(str(tmp_path / f / "bat_quality.json"))
+        for f in ("bat-quality", "bat-quality-ws1")
+    ]
+    assert sorted(pr.pool_results(plain)) == ["email@bat-quality", "email@bat-quality-ws1"]
+    with pytest.raises(SystemExit, match="share a name"):
+        pr.pool_results([plain[0], plain[0]])
