@@ -43,6 +43,7 @@ from batctl.influence.layers import discover_layers
 from batctl.influence.target import DEAD_LAYER_RMS
 from batctl.tasks.base import Task
 
+# selection_reports speaks for the select stage: its lines keep the stage's logger name
 log = logging.getLogger("batctl.select")
 
 

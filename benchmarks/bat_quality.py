@@ -308,6 +308,7 @@ def collect(world, out, stores, selections, adapters, gammas, cpu) -> dict[str, 
     import numpy as np
 
     from batctl.demo.world import World
+    from batctl.selection_files import read_chosen
 
     loss: dict[str, float] = {}
     backbone = []
@@ -323,7 +324,7 @@ def collect(world, out, stores, selections, adapters, gammas, cpu) -> dict[str, 
     texts = pool_texts_by_key(world) if lm else {}
     picks: dict[str, Any] = {}
     for (method, g, seed), selection in selections.items():
-        chosen = json.loads((selection / "selection.json").read_text())["chosen"]
+        chosen = read_chosen(selection)
         keys = [c["key"] for c in chosen]
         picks[f"{method}-g{g}-s{seed}"] = {
             "count": len(keys),

@@ -33,32 +33,50 @@ def load_bat_quality() -> Any:
 
 
 def parse_report(arg: str) -> tuple[Path, dict[str, str]]:
-    """`PATH[:OLD=NEW,...]` -> (path, renames)."""
-    path, _, spec = arg.partition(":")
+    """`PATH[:OLD=NEW,...]` -> (path, renames). Only a tail with an `=` is read as renames, so
+    a path may hold a colon."""
+    path, sep, spec = arg.rpartition(":")
+    if not sep or "=" not in spec:
+        return Path(arg), {}
     renames = {}
     for pair in filter(None, spec.split(",")):
-        old, sep, new = pair.partition("=")
-        if not sep or not old or not new:
+        old, eq, new = pair.partition("=")
+        if not eq or not old or not new:
             raise SystemExit(f"{arg}: a rename is OLD=NEW, got {pair!r}")
         renames[old] = new
     return Path(path), renames
 
 
-def renamed(result: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
-    """`result` with its methods renamed in its held-out losses (labels METHOD-gG-sS)."""
-    loss = {}
-    for key, value in result["loss"].items():
-        method, sep, rest = key.rpartition("-g")
-        if sep and method in renames:
-            key = f"{renames[method]}-g{rest}"
-        loss[key] = value
-    return {**result, "loss": loss}
+def method_of(label: str) -> str | None:
+    """The method of a held-out loss label: METHOD-gG-sS, or none-sS (plain adaptation)."""
+    if label.startswith("none-s"):
+        return "none"
+    method, sep, _ = label.rpartition("-g")
+    return method if sep else None
 
 
 def methods_of(result: dict[str, Any]) -> set[str]:
     """The methods with a held-out loss in `result` (none included)."""
-    names = {"none"} if any(k.startswith("none-s") for k in result["loss"]) else set()
-    return names | {k.rpartition("-g")[0] for k in result["loss"] if not k.startswith("none-s")}
+    return {m for m in map(method_of, result["loss"]) if m is not None}
+
+
+def renamed(result: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
+    """`result` with its methods renamed in its held-out losses. Refuses (naming `where`) a
+    rename of a method the result lacks, of none, or onto a name another method keeps."""
+    have = methods_of(result)
+    kept = have - set(renames)
+    for old, new in renames.items():
+        if old == "none" or old not in have:
+            raise SystemExit(f"{where}: cannot rename {old!r}: its methods are {sorted(have)}")
+        if new in kept or list(renames.values()).count(new) > 1:
+            raise SystemExit(f"{where}: {old}={new} would merge two methods' losses")
+    loss = {}
+    for key, value in result["loss"].items():
+        method = method_of(key)
+        if method in renames and method != "none":
+            key = renames[method] + key[len(method) :]
+        loss[key] = value
+    return {**result, "loss": loss}
 
 
 def report_name(path: Path) -> str:
@@ -77,8 +95,25 @@ def pool_results(reports: list[tuple[Path, dict[str, str]]]) -> dict[str, dict[s
         raise SystemExit(f"two reports share a name ({', '.join(names)}): rename a file")
     for (path, renames), name in zip(reports, names, strict=True):
         for domain, result in json.loads(path.read_text(encoding="utf-8"))["results"].items():
-            results[f"{domain}@{name}"] = renamed(result, renames)
+            results[f"{domain}@{name}"] = renamed(result, renames, f"{path} ({domain})")
     return results
+
+
+def pooled_report(
+    bq: Any, results: dict[str, dict[str, Any]], default: str
+) -> tuple[list[str], dict[str, Any]]:
+    """bat_quality's closing tables (markdown lines, JSON parts) over every case of `results`,
+    for the methods every world has. Refuses an empty pool, a default some world lacks and
+    worlds of two families."""
+    if not results:
+        raise SystemExit("no cases: the reports hold no results")
+    families = {r.get("family", "lm") for r in results.values()}
+    if len(families) > 1:
+        raise SystemExit(f"the reports mix families ({', '.join(sorted(families))})")
+    common = set.intersection(*(methods_of(r) for r in results.values()))
+    if default not in common:
+        raise SystemExit(f"--default {default}: not in every report (they share {sorted(common)})")
+    return bq.summarize(results, sorted(common), default, families != {"lm"})
 
 
 def main() -> None:
@@ -87,16 +122,8 @@ def main() -> None:
     parser.add_argument("--default", default="mmr")
     parser.add_argument("--out", type=Path, help="write the markdown here and the JSON beside it")
     args = parser.parse_args()
-    bq = load_bat_quality()
     results = pool_results([parse_report(a) for a in args.reports])
-    common = set.intersection(*(methods_of(r) for r in results.values()))
-    if args.default not in common:
-        raise SystemExit(
-            f"--default {args.default}: not in every report (they share {sorted(common)})"
-        )
-    digits = any(r.get("family") == "digits" for r in results.values())
-    methods = sorted(common)
-    lines, summary = bq.summarize(results, methods, args.default, digits)
+    lines, summary = pooled_report(load_bat_quality(), results, args.default)
     text = (
         f"# {sum(len(r['gammas']) for r in results.values())} cases ({len(results)} worlds) "
         f"pooled from {', '.join(args.reports)} (PATH:OLD=NEW renames a method)\n\n"

@@ -68,46 +68,85 @@ def test_pooled_interval_collapses_when_every_case_agrees(bq, difference, count)
     assert got["lower"] == (3 * count if difference < 0 else 0)
 
 
-def test_pool_reports_renames_each_report_and_pools_their_cases(bq, tmp_path):
+@pytest.fixture(scope="module")
+def pr():
     spec = importlib.util.spec_from_file_location("pool_reports", SCRIPT.parent / "pool_reports.py")
-    pr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pr)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_report(path: Path, results: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}))
+    return str(path)
+
+
+def test_pool_reports_renames_each_report_and_pools_their_cases(bq, pr, tmp_path):
     # report A was written when the default was a variant (mmr-c1024) and "mmr" meant another
     a = {
         "email": world(
-            {"mmr-c1024": [1.0, 2.0, 3.0], "mmr": [9.0, 9.0, 9.0], "bm25": [1.5, 1.5, 3.5]}
+            {
+                "mmr-c1024": [1.0, 2.0, 3.0],
+                "mmr": [9.0, 9.0, 9.0],
+                "bm25": [1.5, 1.5, 3.5],
+                "none": [2.0, 2.0, 2.0],
+            }
         )
     }
-    b = {"email": world({"mmr": [4.0, 4.0, 4.0], "bm25": [4.1, 3.9, 4.2]})}
-    (tmp_path / "bat_quality-lm.json").write_text(json.dumps({"results": a}))
-    (tmp_path / "bat_quality-lm-ws1.json").write_text(json.dumps({"results": b}))
-    reports = [
-        pr.parse_report(f"{tmp_path / 'bat_quality-lm.json'}:mmr=mmr-c256,mmr-c1024=mmr"),
-        pr.parse_report(str(tmp_path / "bat_quality-lm-ws1.json")),
-    ]
+    b = {"email": world({"mmr": [4.0, 4.0, 4.0], "bm25": [4.1, 3.9, 4.2], "none": [5.0] * 3})}
+    first = write_report(tmp_path / "bat_quality-lm.json", a)
+    second = write_report(tmp_path / "bat_quality-lm-ws1.json", b)
+    reports = [pr.parse_report(f"{first}:mmr=mmr-c256,mmr-c1024=mmr"), pr.parse_report(second)]
     results = pr.pool_results(reports)
     assert sorted(results) == ["email@lm", "email@lm-ws1"]
-    assert pr.methods_of(results["email@lm"]) == {"mmr", "mmr-c256", "bm25"}
+    assert pr.methods_of(results["email@lm"]) == {"mmr", "mmr-c256", "bm25", "none"}
     assert results["email@lm"]["loss"]["mmr-g0.5-s1"] == 2.0
     assert results["email@lm"]["loss"]["mmr-c256-g0.5-s1"] == 9.0
+    assert results["email@lm"]["loss"]["none-s1"] == 2.0
     out = bq.pooled(results, "mmr", ["bm25"])["bm25"]
     assert (out["cases"], out["pairs"], out["lower"]) == (2, 6, 4)
     assert out["mean"] == pytest.approx(np.mean([-0.5, 0.5, -0.5, -0.1, 0.1, -0.2]))
+    lines, summary = pr.pooled_report(bq, results, "mmr")
+    assert summary["pooled"]["bm25"] == out
+    assert any(line.startswith("| bm25 | 2 | 4/6 | -0.1167 |") for line in lines)
+
+
+def test_pool_reports_refuses_renames_that_lose_or_merge_losses(pr, tmp_path):
+    a = {"email": world({"mmr-c1024": [1.0] * 3, "mmr": [9.0] * 3, "none": [2.0] * 3})}
+    path = write_report(tmp_path / "bat_quality-lm.json", a)
+    with pytest.raises(SystemExit, match="merge two methods"):
+        pr.pool_results([pr.parse_report(f"{path}:mmr-c1024=mmr")])
+    with pytest.raises(SystemExit, match="merge two methods"):
+        pr.pool_results([pr.parse_report(f"{path}:mmr-c1024=x,mmr=x")])
+    with pytest.raises(SystemExit, match="cannot rename 'mmr-c124'"):
+        pr.pool_results([pr.parse_report(f"{path}:mmr-c124=mmr")])
+    with pytest.raises(SystemExit, match="cannot rename 'none'"):
+        pr.pool_results([pr.parse_report(f"{path}:none=plain")])
     with pytest.raises(SystemExit, match="OLD=NEW"):
-        pr.parse_report("x.json:mmr")
+        pr.parse_report("x.json:mmr=a,b")
+    assert pr.parse_report("runs/a:b/bat_quality.json") == (Path("runs/a:b/bat_quality.json"), {})
 
 
-def test_pool_reports_names_plain_reports_by_folder_and_refuses_a_clash(tmp_path):
-    spec = importlib.util.spec_from_file_location("pool_reports", SCRIPT.parent / "pool_reports.py")
-    pr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pr)
-    for folder in ("bat-quality", "bat-quality-ws1"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "bat_quality.json").write_text(
-            json.dumps({"results": {"email": world({"mmr": [1.0, 1.0, 1.0]})}})
-        )
+def test_pool_reports_prints_diffusion_differences_to_six_places_and_refuses_mixed_families(bq, pr):
+    digits = world({"mmr-clip": [0.10001, 0.10002, 0.10003], "embed": [0.10002, 0.10002, 0.10002]})
+    digits["family"] = "diffusion"
+    other = dict(digits)
+    lines, summary = pr.pooled_report(bq, {"two@a": digits, "two@b": other}, "mmr-clip")
+    assert any(line.startswith("| embed | 2 | 2/6 | +0.000000 |") for line in lines)
+    lm = world({"mmr-clip": [1.0] * 3, "embed": [1.0] * 3})
+    with pytest.raises(SystemExit, match="mix families"):
+        pr.pooled_report(bq, {"two@a": digits, "email@b": lm}, "mmr-clip")
+    with pytest.raises(SystemExit, match="not in every report"):
+        pr.pooled_report(bq, {"two@a": digits}, "mmr")
+    with pytest.raises(SystemExit, match="no cases"):
+        pr.pooled_report(bq, {}, "mmr")
+
+
+def test_pool_reports_names_plain_reports_by_folder_and_refuses_a_clash(pr, tmp_path):
+    results = {"email": world({"mmr": [1.0, 1.0, 1.0]})}
     plain = [
-        pr.parse_report(str(tmp_path / f / "bat_quality.json"))
+        pr.parse_report(write_report(tmp_path / f / "bat_quality.json", results))
         for f in ("bat-quality", "bat-quality-ws1")
     ]
     assert sorted(pr.pool_results(plain)) == ["email@bat-quality", "email@bat-quality-ws1"]
