@@ -2,14 +2,17 @@
 per case, every method judged by the goal's criteria, the default against each rival pooled over
 every case with its bootstrap interval), over the cases of all the reports at once.
 
-    python benchmarks/pool_reports.py REPORT.json[:OLD=NEW,...] ... [--default mmr]
+    python benchmarks/pool_reports.py REPORT.json[+MORE_SEEDS.json][:OLD=NEW,...] ... [--default mmr]
         [--out benchmarks/results/bat_quality-lm-pooled.md]
 
-Each REPORT is a `bat_quality.json`. The optional renames give one method one name in every
+Each REPORT is a `bat_quality.json`; `+` joins runs of the same worlds with other training
+seeds (their losses are merged: a case's seed pairs are all of them, and the goal's "2 of 3
+seeds" becomes two thirds of them). The optional renames give one method one name in every
 report: a report written when the default was a benchmark variant names it otherwise (e.g.
 `bat_quality-lm.json:mmr=mmr-c256,mmr-c1024=mmr`). A case is named DOMAIN@REPORT (the file's
 stem without `bat_quality-`, or for a plain `bat_quality.json` its folder's name), so the same
-domain in two worlds stays two cases. Methods: those every report has. Prints the markdown; --out writes it and the numbers (same stem, .json).
+domain in two worlds stays two cases. Methods: those with a loss for every case, γ and seed.
+Prints the markdown; --out writes it and the numbers (same stem, .json).
 Nothing is re-run: the reports' held-out losses are all it reads.
 """
 
@@ -32,19 +35,39 @@ def load_bat_quality() -> Any:
     return module
 
 
-def parse_report(arg: str) -> tuple[Path, dict[str, str]]:
-    """`PATH[:OLD=NEW,...]` -> (path, renames). Only a tail with an `=` is read as renames, so
-    a path may hold a colon."""
+def parse_report(arg: str) -> tuple[tuple[Path, ...], dict[str, str]]:
+    """`PATH[+PATH...][:OLD=NEW,...]` -> (paths, renames). Paths joined by `+` are runs of the
+    same worlds with other training seeds (`bat_quality.py --seeds 3 4 5` into another folder):
+    one report. Only a tail with an `=` is read as renames, so a path may hold a colon."""
     path, sep, spec = arg.rpartition(":")
     if not sep or "=" not in spec:
-        return Path(arg), {}
+        path, spec = arg, ""
     renames = {}
     for pair in filter(None, spec.split(",")):
         old, eq, new = pair.partition("=")
         if not eq or not old or not new:
             raise SystemExit(f"{arg}: a rename is OLD=NEW, got {pair!r}")
         renames[old] = new
-    return Path(path), renames
+    return tuple(Path(p) for p in path.split("+")), renames
+
+
+def merged_seeds(paths: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
+    """The results of runs of the same worlds with disjoint training seeds, as one run's:
+    losses together, seeds in order. Refuses other worlds or a seed run twice."""
+    runs = [json.loads(p.read_text(encoding="utf-8"))["results"] for p in paths]
+    out = {domain: dict(result) for domain, result in runs[0].items()}
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        if set(run) != set(out):
+            raise SystemExit(
+                f"{path}: other worlds ({sorted(run)}) than {paths[0]} ({sorted(out)})"
+            )
+        for domain, result in run.items():
+            twice = set(result["seeds"]) & set(out[domain]["seeds"])
+            if twice:
+                raise SystemExit(f"{path} ({domain}): seeds {sorted(twice)} are in {paths[0]} too")
+            out[domain]["loss"] = {**out[domain]["loss"], **result["loss"]}
+            out[domain]["seeds"] = sorted([*out[domain]["seeds"], *result["seeds"]])
+    return out
 
 
 def method_of(label: str) -> str | None:
@@ -58,6 +81,20 @@ def method_of(label: str) -> str | None:
 def methods_of(result: dict[str, Any]) -> set[str]:
     """The methods with a held-out loss in `result` (none included)."""
     return {m for m in map(method_of, result["loss"]) if m is not None}
+
+
+def complete_methods(result: dict[str, Any]) -> set[str]:
+    """The methods of `result` with a held-out loss at every γ and seed (none: every seed)."""
+    loss = result["loss"]
+    return {
+        m
+        for m in methods_of(result)
+        if all(
+            (f"none-s{s}" if m == "none" else f"{m}-g{g}-s{s}") in loss
+            for g in result["gammas"]
+            for s in result["seeds"]
+        )
+    }
 
 
 def renamed(result: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
@@ -87,15 +124,18 @@ def report_name(path: Path) -> str:
     return path.stem.removeprefix("bat_quality-")
 
 
-def pool_results(reports: list[tuple[Path, dict[str, str]]]) -> dict[str, dict[str, Any]]:
-    """Every case of every report, renamed, keyed DOMAIN@REPORT."""
+def pool_results(
+    reports: list[tuple[tuple[Path, ...], dict[str, str]]],
+) -> dict[str, dict[str, Any]]:
+    """Every case of every report (its runs' seeds merged), renamed, keyed DOMAIN@REPORT (the
+    report's first file names it)."""
     results: dict[str, dict[str, Any]] = {}
-    names = [report_name(path) for path, _ in reports]
+    names = [report_name(paths[0]) for paths, _ in reports]
     if len(set(names)) < len(names):
         raise SystemExit(f"two reports share a name ({', '.join(names)}): rename a file")
-    for (path, renames), name in zip(reports, names, strict=True):
-        for domain, result in json.loads(path.read_text(encoding="utf-8"))["results"].items():
-            results[f"{domain}@{name}"] = renamed(result, renames, f"{path} ({domain})")
+    for (paths, renames), name in zip(reports, names, strict=True):
+        for domain, result in merged_seeds(paths).items():
+            results[f"{domain}@{name}"] = renamed(result, renames, f"{paths[0]} ({domain})")
     return results
 
 
@@ -103,14 +143,14 @@ def pooled_report(
     bq: Any, results: dict[str, dict[str, Any]], default: str
 ) -> tuple[list[str], dict[str, Any]]:
     """bat_quality's closing tables (markdown lines, JSON parts) over every case of `results`,
-    for the methods every world has. Refuses an empty pool, a default some world lacks and
+    for the methods every world has at every γ and seed. Refuses an empty pool, a default some world lacks and
     worlds of two families."""
     if not results:
         raise SystemExit("no cases: the reports hold no results")
     families = {r.get("family", "lm") for r in results.values()}
     if len(families) > 1:
         raise SystemExit(f"the reports mix families ({', '.join(sorted(families))})")
-    common = set.intersection(*(methods_of(r) for r in results.values()))
+    common = set.intersection(*(complete_methods(r) for r in results.values()))
     if default not in common:
         raise SystemExit(f"--default {default}: not in every report (they share {sorted(common)})")
     return bq.summarize(results, sorted(common), default, families != {"lm"})
@@ -118,7 +158,9 @@ def pooled_report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reports", nargs="+", help="bat_quality.json[:OLD=NEW,...]")
+    parser.add_argument(
+        "reports", nargs="+", help="bat_quality.json[+more seeds.json][:OLD=NEW,...]"
+    )
     parser.add_argument("--default", default="mmr")
     parser.add_argument("--out", type=Path, help="write the markdown here and the JSON beside it")
     args = parser.parse_args()

@@ -125,7 +125,10 @@ def test_pool_reports_refuses_renames_that_lose_or_merge_losses(pr, tmp_path):
         pr.pool_results([pr.parse_report(f"{path}:none=plain")])
     with pytest.raises(SystemExit, match="OLD=NEW"):
         pr.parse_report("x.json:mmr=a,b")
-    assert pr.parse_report("runs/a:b/bat_quality.json") == (Path("runs/a:b/bat_quality.json"), {})
+    assert pr.parse_report("runs/a:b/bat_quality.json") == (
+        (Path("runs/a:b/bat_quality.json"),),
+        {},
+    )
 
 
 def test_pool_reports_prints_diffusion_differences_to_six_places_and_refuses_mixed_families(bq, pr):
@@ -152,3 +155,27 @@ def test_pool_reports_names_plain_reports_by_folder_and_refuses_a_clash(pr, tmp_
     assert sorted(pr.pool_results(plain)) == ["email@bat-quality", "email@bat-quality-ws1"]
     with pytest.raises(SystemExit, match="share a name"):
         pr.pool_results([plain[0], plain[0]])
+
+
+def test_pool_reports_merges_runs_of_other_seeds_and_keeps_complete_methods(bq, pr, tmp_path):
+    first = {"email": world({"mmr": [1.0, 2.0, 3.0], "bm25": [1.5, 1.5, 3.5], "dsir": [9.0] * 3})}
+    more = {
+        "email": world({"mmr": [4.0, 4.0, 4.0], "bm25": [4.1, 3.9, 4.2]}, seeds=(3, 4, 5)),
+    }
+    a = write_report(tmp_path / "s012" / "bat_quality.json", first)
+    b = write_report(tmp_path / "s345" / "bat_quality.json", more)
+    results = pr.pool_results([pr.parse_report(f"{a}+{b}")])
+    (case,) = results.values()
+    assert case["seeds"] == [0, 1, 2, 3, 4, 5]
+    # dsir ran with seeds 0-2 only: it is left out rather than judged on half the seeds
+    assert pr.complete_methods(case) == {"mmr", "bm25"}
+    out = bq.pooled(results, "mmr", ["bm25"])["bm25"]
+    assert (out["cases"], out["pairs"], out["lower"]) == (1, 6, 4)
+    assert out["mean"] == pytest.approx(np.mean([-0.5, 0.5, -0.5, -0.1, 0.1, -0.2]))
+    lines, _ = pr.pooled_report(bq, results, "mmr")
+    assert not any("dsir" in line for line in lines)
+    with pytest.raises(SystemExit, match="seeds \\[0, 1, 2\\] are in"):
+        pr.pool_results([pr.parse_report(f"{a}+{a}")])
+    other = write_report(tmp_path / "other" / "bat_quality.json", {"xml": more["email"]})
+    with pytest.raises(SystemExit, match="other worlds"):
+        pr.pool_results([pr.parse_report(f"{a}+{other}")])
