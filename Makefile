@@ -53,6 +53,8 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-c256 mmr-d7 bm25 tfidf dsir embed
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr mmr-c256 bm25 tfidf dsir embed influence --out runs/bat-quality-ws1
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json --out runs/bat_quality-lm-pooled.md
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 2 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws2
+	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json runs/bat-quality-ws2/bat_quality.json --out runs/bat_quality-lm-pooled-ws012.md
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-s345
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-ws1-s345
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json+runs/bat-quality-s345/bat_quality.json runs/bat-quality-ws1/bat_quality.json+runs/bat-quality-ws1-s345/bat_quality.json --out runs/bat_quality-lm-pooled-6seeds.md
