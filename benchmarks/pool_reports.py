@@ -83,17 +83,14 @@ def methods_of(result: dict[str, Any]) -> set[str]:
     return {m for m in map(method_of, result["loss"]) if m is not None}
 
 
-def complete_methods(result: dict[str, Any]) -> set[str]:
-    """The methods of `result` with a held-out loss at every γ and seed (none: every seed)."""
+def complete_methods(result: dict[str, Any], label: Any) -> set[str]:
+    """The methods of `result` with a held-out loss at every γ and seed; `label(method, γ,
+    seed)` is bat_quality's loss label."""
     loss = result["loss"]
     return {
         m
         for m in methods_of(result)
-        if all(
-            (f"none-s{s}" if m == "none" else f"{m}-g{g}-s{s}") in loss
-            for g in result["gammas"]
-            for s in result["seeds"]
-        )
+        if all(label(m, g, s) in loss for g in result["gammas"] for s in result["seeds"])
     }
 
 
@@ -110,7 +107,7 @@ def renamed(result: dict[str, Any], renames: dict[str, str], where: str) -> dict
     loss = {}
     for key, value in result["loss"].items():
         method = method_of(key)
-        if method in renames and method != "none":
+        if method in renames:
             key = renames[method] + key[len(method) :]
         loss[key] = value
     return {**result, "loss": loss}
@@ -143,14 +140,14 @@ def pooled_report(
     bq: Any, results: dict[str, dict[str, Any]], default: str
 ) -> tuple[list[str], dict[str, Any]]:
     """bat_quality's closing tables (markdown lines, JSON parts) over every case of `results`,
-    for the methods every world has at every γ and seed. Refuses an empty pool, a default some world lacks and
-    worlds of two families."""
+    for the methods every world has at every γ and seed. Refuses an empty pool, a default some
+    world lacks and worlds of two families."""
     if not results:
         raise SystemExit("no cases: the reports hold no results")
     families = {r.get("family", "lm") for r in results.values()}
     if len(families) > 1:
         raise SystemExit(f"the reports mix families ({', '.join(sorted(families))})")
-    common = set.intersection(*(complete_methods(r) for r in results.values()))
+    common = set.intersection(*(complete_methods(r, bq.label) for r in results.values()))
     if default not in common:
         raise SystemExit(f"--default {default}: not in every report (they share {sorted(common)})")
     return bq.summarize(results, sorted(common), default, families != {"lm"})

@@ -168,7 +168,7 @@ def test_pool_reports_merges_runs_of_other_seeds_and_keeps_complete_methods(bq, 
     (case,) = results.values()
     assert case["seeds"] == [0, 1, 2, 3, 4, 5]
     # dsir ran with seeds 0-2 only: it is left out rather than judged on half the seeds
-    assert pr.complete_methods(case) == {"mmr", "bm25"}
+    assert pr.complete_methods(case, bq.label) == {"mmr", "bm25"}
     out = bq.pooled(results, "mmr", ["bm25"])["bm25"]
     assert (out["cases"], out["pairs"], out["lower"]) == (1, 6, 4)
     assert out["mean"] == pytest.approx(np.mean([-0.5, 0.5, -0.5, -0.1, 0.1, -0.2]))
