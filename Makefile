@@ -55,6 +55,9 @@ bench-quality: install
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json --out runs/bat_quality-lm-pooled.md
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 2 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws2
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json runs/bat-quality-ws2/bat_quality.json --out runs/bat_quality-lm-pooled-ws012.md
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 3 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws3
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 4 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws4
+	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json runs/bat-quality-ws2/bat_quality.json runs/bat-quality-ws3/bat_quality.json runs/bat-quality-ws4/bat_quality.json --out runs/bat_quality-lm-pooled-40.md
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-s345
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-ws1-s345
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json+runs/bat-quality-s345/bat_quality.json runs/bat-quality-ws1/bat_quality.json+runs/bat-quality-ws1-s345/bat_quality.json --out runs/bat_quality-lm-pooled-6seeds.md
@@ -65,6 +68,8 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
 	$(PYTHON) benchmarks/bat_quality.py --family digits --world-seed 1 --methods mmr-clip embed bm25 influence --out runs/bat-quality-digits-ws1
 	$(PYTHON) benchmarks/pool_reports.py --default mmr-clip runs/bat-quality-digits/bat_quality.json runs/bat-quality-digits-ws1/bat_quality.json --out runs/bat_quality-digits-pooled.md
+	$(PYTHON) benchmarks/bat_quality.py --family digits --world-seed 2 --methods mmr-clip embed bm25 influence --out runs/bat-quality-digits-ws2
+	$(PYTHON) benchmarks/pool_reports.py --default mmr-clip runs/bat-quality-digits/bat_quality.json runs/bat-quality-digits-ws1/bat_quality.json runs/bat-quality-digits-ws2/bat_quality.json --out runs/bat_quality-digits-pooled-18.md
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 40,1e-3,4 --out runs/bat-quality-digits-40
 	$(PYTHON) benchmarks/bat_quality.py --family digits --train 160,1e-2,8 --out runs/bat-quality-digits-long
 
