@@ -50,6 +50,7 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --methods $(DEV_METHODS) --out runs/bat-quality-dev
 	$(PYTHON) benchmarks/bat_quality.py --domains idlelib concurrency --methods $(DEV_METHODS) --out runs/bat-quality-dev-new
 	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml --world-seed 1 --methods $(DEV_METHODS) --out runs/bat-quality-dev-ws1
+	$(PYTHON) benchmarks/bat_quality.py --domains logging email asyncio http xml idlelib concurrency --world-seed 2 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-dev-ws2
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr mmr-c256 mmr-d7 bm25 tfidf dsir embed
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr mmr-c256 bm25 tfidf dsir embed influence --out runs/bat-quality-ws1
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json --out runs/bat_quality-lm-pooled.md
