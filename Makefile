@@ -1,12 +1,14 @@
 # batctl: the two commands a fresh machine needs are `make demo` and `make test`.
 #
-# torch is installed first and pinned explicitly: letting pip resolve a bare `torch` on a machine
-# without it downloads a CUDA build of several GB. Override for your machine, e.g.
+# torch is installed first, pinned, and from PyTorch's CPU index as well as your pip's own: on
+# Linux, PyPI's torch is a CUDA build of several GB, and pip prefers the CPU index's `+cpu` build
+# of the same version (a local wheel of it, where pip is configured with one, is taken too).
+# For a GPU machine, e.g.
 #   make test TORCH_VERSION=2.5.1 TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu124
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?=
+TORCH_INDEX ?= --extra-index-url=https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
 .PHONY: install demo demo-diffusion test test-all lint bench bench-quality bench-reselect clean

@@ -70,15 +70,16 @@ def fingerprint_file(path: Path, strict: bool = False, content_only: bool = Fals
     return h.hexdigest()
 
 
-def fingerprint_dir(path: Path, strict: bool = False) -> str:
-    """Fingerprint of a data directory (image folder, model dir): its files' names and fingerprints."""
+def fingerprint_dir(path: Path, strict: bool = False, content_only: bool = False) -> str:
+    """Fingerprint of a data directory (image folder, model dir): its files' names and
+    fingerprints (`fingerprint_file`'s modes)."""
     h = hashlib.sha256()
     root = Path(path)
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = file.relative_to(root).as_posix()
         if any(part.startswith(".") for part in Path(rel).parts):
             continue  # locks, caches and our own temporary siblings are not content
-        h.update(f"{rel}={fingerprint_file(file, strict)};".encode())
+        h.update(f"{rel}={fingerprint_file(file, strict, content_only)};".encode())
     return h.hexdigest()
 
 
@@ -87,18 +88,21 @@ def fingerprint_artifact(path: Path) -> str:
     return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
 
 
-def describe_input(ref: str | Path, strict: bool = False) -> dict[str, str]:
+def describe_input(
+    ref: str | Path, strict: bool = False, content_only: bool = False
+) -> dict[str, str]:
     """What a manifest records for one input: path, kind and fingerprint.
 
     `ref` is a file, a directory (a batctl artifact if it holds manifest.json) or, when nothing
-    exists at that path, a hub id such as `runwayml/stable-diffusion-v1-5`.
+    exists at that path, a hub id such as `runwayml/stable-diffusion-v1-5`. `strict` and
+    `content_only` are `fingerprint_file`'s modes.
     """
     path = Path(ref)
     if path.is_file():
         return {
             "path": str(path.resolve()),
             "kind": "file",
-            "fingerprint": fingerprint_file(path, strict),
+            "fingerprint": fingerprint_file(path, strict, content_only),
         }
     if path.is_dir():
         if (path / MANIFEST).is_file():
@@ -110,9 +114,16 @@ def describe_input(ref: str | Path, strict: bool = False) -> dict[str, str]:
         return {
             "path": str(path.resolve()),
             "kind": "dir",
-            "fingerprint": fingerprint_dir(path, strict),
+            "fingerprint": fingerprint_dir(path, strict, content_only),
         }
     return {"path": str(ref), "kind": "hub", "fingerprint": f"hub:{ref}"}
+
+
+def describe_model(ref: str | Path, strict: bool = False) -> dict[str, str]:
+    """What every stage records for --model: `describe_input` by content, never mtime, so
+    `check_same_model` compares like with like across stages and each node's own copy of the
+    backbone (a sharded score run) is the same model."""
+    return describe_input(ref, strict, content_only=True)
 
 
 # --------------------------------------------------------------------------- manifests
@@ -287,6 +298,8 @@ class Output:
 def run_identity(
     stage: str, params: Mapping[str, Any], inputs: Mapping[str, Any]
 ) -> dict[str, Any]:
+    """What makes two runs the same run: the stage, its effective params and its inputs'
+    descriptions (as a manifest records them; `diff_runs` compares two)."""
     return {"stage": stage, "params": dict(params), "inputs": dict(inputs)}
 
 

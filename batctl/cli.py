@@ -323,7 +323,11 @@ def tiny_command(
         show_default=False,
         help="Seed for the random weights. (default: 0)",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a tiny backbone batctl wrote there before (never a folder it did not write).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:

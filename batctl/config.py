@@ -432,7 +432,8 @@ class OutputOptions(StageConfig):
     """Output directory. Written atomically; manifest.json inside marks it complete."""
 
     force: bool = operational(False)
-    """Replace an existing output even if it differs from this run or was not written by batctl."""
+    """Replace an existing output of this stage even if it differs from this run (never a folder
+    batctl did not write, nor another stage's output)."""
 
     strict_fingerprints: bool = False
     """Fingerprint input files by their whole content instead of size, mtime and first/last MiB."""

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batctl.errors import BatctlError
-
-SAMPLES_TAR = "samples.tar"
+from batctl.selection_files import SAMPLES_TAR
 
 
 class Fetcher:

@@ -101,6 +101,8 @@ def claim(out: str, identity: dict[str, Any], shard: int, shards: int, force: bo
 
 
 def read_partial(out: str) -> dict[str, Any] | None:
+    """The unfinished remote store's partial.json (its run identity, shard count and start
+    time), or None when shard 0 has not written it yet."""
     return read_json(join(out, "partial.json"))
 
 

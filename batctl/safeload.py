@@ -92,6 +92,8 @@ def check_weights(directory: Path) -> None:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in file `path`; one BatctlError naming the file when it is not valid
+    JSON or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

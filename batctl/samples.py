@@ -51,6 +51,9 @@ def load_samples(
     return samples
 
 
-def describe_data(specs: str | Sequence[str], strict: bool = False) -> list[dict[str, Any]]:
-    """Manifest entries (path, kind, fingerprint) for every part `specs` expands to."""
-    return [describe_input(path, strict) for path in expand_specs(specs)]
+def describe_data(
+    specs: str | Sequence[str], strict: bool = False, content_only: bool = False
+) -> list[dict[str, Any]]:
+    """Manifest entries (path, kind, fingerprint) for every part `specs` expands to
+    (`describe_input`'s fingerprint modes)."""
+    return [describe_input(path, strict, content_only) for path in expand_specs(specs)]

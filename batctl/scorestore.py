@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 STORE = "scores.zarr"
+TARGET = "target.safetensors"
+"""The influence target r beside the store (influence-reading methods write it)."""
 PENDING, SCORED, UNREADABLE, NON_FINITE = 0, 1, 2, 3
 STATUS_NAMES = {
     PENDING: "pending",

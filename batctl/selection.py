@@ -51,14 +51,13 @@ from typing import Any
 import numpy as np
 
 from batctl.errors import BatctlError
-from batctl.scorestore import SCORED, STATUS_NAMES, ScoreStore
+from batctl.scorestore import SCORED, STATUS_NAMES, TARGET, ScoreStore
 
 STRATEGIES = ("albat", "random", "none")
 
 GAMMA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """The γ values `--gamma auto` tries: 0.05, 0.10, ..., 0.95 (m = 19n down to about n/19 pool samples)."""
 
-TARGET = "target.safetensors"
 _TARGET_PREFIX = (
     "influence."  # batctl.influence.target's metadata prefix (that module imports torch)
 )

@@ -9,12 +9,34 @@ from pathlib import Path
 from typing import Any
 
 SELECTION_JSON = "selection.json"
+SAMPLES_TAR = "samples.tar"
+"""The picks themselves, in webdataset layout, so train needs no pool."""
 
 
 def read_chosen(selection: Path) -> list[dict[str, Any]]:
     """The picks of one selection directory, best first: one dict per pool row (rank, key,
     score, part, offset, row)."""
     return json.loads((selection / SELECTION_JSON).read_text(encoding="utf-8"))["chosen"]
+
+
+def warn_other_adaptation(selection: Path, n_here: int, m_here: int) -> None:
+    """Log a warning when training pairs `selection` with another number of adaptation samples
+    than it was made for: γ = n / (n + m) is then not the γ its selection.json records.
+
+    selection: one selection directory; n_here, m_here: the adaptation and pool samples train
+    actually read."""
+    import logging
+
+    recorded = json.loads((selection / SELECTION_JSON).read_text(encoding="utf-8"))
+    n, gamma = recorded.get("n_adaptation"), recorded.get("gamma")
+    if not isinstance(n, int) or n == n_here:
+        return
+    actual = n_here / (n_here + m_here) if n_here + m_here else 1.0
+    logging.getLogger("batctl.train").warning(
+        "--selection %s was made for %d adaptation samples (gamma %s) but --data has %d: this "
+        "run trains at gamma %.3g; select again with this --data for the gamma you asked for",
+        selection, n, gamma, n_here, actual,
+    )  # fmt: skip
 
 
 def selection_payload(

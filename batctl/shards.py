@@ -4,9 +4,10 @@
   shards decides who writes which zarr chunk. Two processes started with different counts
   (`--shard 0/2` and `--shard 1/4`) would write the same chunks at once, so the count is part of
   the unfinished store's identity (its `partial.json`) and a mismatch is refused.
-- Pool parts are identified by their normalised path and a content fingerprint (size and the
-  first and last MiB, or the whole file with --strict-fingerprints), never their mtime: each
-  node's own download or copy of a LAION shard is the same input.
+- Every input (pool parts, the model, --data, --target, --clip) is identified by a content
+  fingerprint (size and the first and last MiB of each file, or the whole file with
+  --strict-fingerprints), never its mtime: each node's own download or copy of a LAION shard or
+  of the model is the same input.
 - A refusal never suggests `--force` when the unfinished store holds finished chunks: that would
   discard other shards' work. It says how to resume instead.
 """
@@ -34,7 +35,7 @@ def describe_pool(specs: str | Sequence[str], strict: bool = False) -> list[dict
         paths = [Path(local)] if is_url(named) else expand_specs(named)
         for path in paths:
             if not path.is_file():
-                described.append(describe_input(path, strict))  # a folder: file by file
+                described.append(describe_input(path, strict, content_only=True))  # a folder
                 continue
             described.append(
                 {

@@ -551,7 +551,8 @@ def write_tiny(
     """`batctl tiny FAMILY DIR`: build a tiny backbone as a batctl output (atomic, up-to-date aware).
 
     Returns a summary for stdout: path, family, size in bytes. Raises `UpToDate` when DIR already
-    holds the same tiny backbone, and refuses to replace anything else without `force`.
+    holds the same tiny backbone; `force` replaces another tiny backbone there, and nothing else
+    (`open_output`: never a folder batctl did not write).
     """
     from batctl import __version__
     from batctl.artifacts import open_output

@@ -62,6 +62,23 @@ class EvalConfig(DataOptions):
 # --------------------------------------------------------------------------- inputs
 
 
+def check_family_flags(config: EvalConfig) -> None:
+    """Refuse eval flags the --model's family does not read: they would be ignored in silence."""
+    from batctl.errors import UsageError
+    from batctl.tasks import TRAITS, detect_family, family_traits
+
+    family = detect_family(str(config.model)) if config.task == "auto" else config.task
+    own = family_traits(family).eval_flags
+    every = {name for traits in TRAITS.values() for name in traits.eval_flags}
+    foreign = sorted(n for n in every - set(own) if getattr(config, n) is not None)
+    if foreign:
+        raise UsageError(
+            f"{', '.join(flag_name(n) for n in foreign)}: not read for an {family} model "
+            f"(--model {config.model}); drop them (they are for "
+            f"{' and '.join(f for f in TRAITS if f != family)} models)"
+        )
+
+
 def check_adapter(
     path: Path, model: dict[str, Any], flag: str, allow_foreign: bool = False
 ) -> Path:
@@ -219,10 +236,11 @@ def weight_diff_curve(
 
 def run(config: EvalConfig) -> dict[str, Any]:
     """Write metrics.json, report.md and plots into `--out`; returns the metrics per row."""
-    from batctl.artifacts import describe_input, open_output
+    from batctl.artifacts import describe_input, describe_model, open_output
     from batctl.metrics.benchmark import read_benchmark
     from batctl.metrics.options import EvalOptions
     from batctl.metrics.report import (
+        METRICS_JSON,
         jsonable,
         plot_heldout,
         plot_weight_diff,
@@ -232,8 +250,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     from batctl.samples import describe_data
 
     # setup: every input checked before the model is loaded
+    check_family_flags(config)
     strict = config.strict_fingerprints
-    model = describe_input(config.model, strict)
+    model = describe_model(config.model, strict)
     inputs: dict[str, Any] = {"model": model, "data": describe_data(config.data, strict)}
     adapters = [check_adapter(p, model, "--adapter") for p in config.adapter]
     inputs["adapter"] = [describe_input(p) for p in adapters]
@@ -318,7 +337,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
             "reference": str(config.reference) if config.reference is not None else None,
         }
         write_json(
-            out.work / "metrics.json",
+            out.work / METRICS_JSON,
             {
                 "rows": rows,
                 "heldout_samples": len(heldout),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from batctl.config import DataOptions, operational, parse_shard
-from batctl.errors import BatctlError
+from batctl.errors import BatctlError, UsageError
 
 log = logging.getLogger("batctl.score")
 
@@ -105,12 +105,11 @@ class ScoreConfig(DataOptions):
         family (raises UsageError when the family cannot be told or has no auto method)."""
         if self.method != "auto":
             return self
-        from batctl.errors import UsageError
-        from batctl.methods import auto_method
-        from batctl.tasks import detect_family
+        from batctl.tasks import detect_family, family_traits
 
         family = detect_family(str(self.model)) if self.task == "auto" else self.task
-        chosen = auto_method(family, self.clip is not None, self.surrogate is not None)
+        traits = family_traits(family)
+        chosen = traits.auto if self.clip is None else traits.auto_with_clip
         if chosen is None:
             raise UsageError(
                 f"--clip: CLIP retrieval is for image pools; give --method embed to use it with "
@@ -251,7 +250,13 @@ class ScoreConfig(DataOptions):
         if explicit is not None:
             return explicit
         if "RANK" in env and "WORLD_SIZE" in env:
-            return int(env["RANK"]), int(env["WORLD_SIZE"])
+            try:
+                return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}")  # type: ignore[return-value]
+            except ValueError as exc:
+                raise UsageError(
+                    f"RANK={env['RANK']!r} WORLD_SIZE={env['WORLD_SIZE']!r} from the environment: "
+                    f"{exc}; set them as torchrun does (0 <= RANK < WORLD_SIZE) or pass --shard i/N"
+                ) from None
         return 0, 1
 
 
@@ -267,6 +272,7 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         check_out_path,
         check_same_model,
         describe_input,
+        describe_model,
         finish_output,
         naming_os_errors,
         output_lock,
@@ -286,7 +292,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     shard, shards = config.shard_of(dict(os.environ))
     fp = config.strict_fingerprints
     method = make_method(config.method)
-    model = describe_input(config.model, fp)
+    # Content, not mtime: each node of a sharded run may hold its own copy of every input.
+    model = describe_model(config.model, fp)
     inputs: dict[str, Any] = {"model": model}
     if config.reads_surrogate:
         surrogate = require_stage(config.surrogate, "surrogate", "--surrogate")
@@ -302,11 +309,11 @@ def run(config: ScoreConfig) -> dict[str, Any]:
             config.method, ", ".join(config.fuse_parts) or config.method,
         )  # fmt: skip
     if config.clip is not None:
-        inputs["clip"] = describe_input(config.clip, fp)
-    inputs["data"] = describe_data(config.data, fp)
+        inputs["clip"] = describe_input(config.clip, fp, content_only=True)
+    inputs["data"] = describe_data(config.data, fp, content_only=True)
     inputs["pool"] = describe_pool(config.pool, fp)
     if config.target is not None:
-        inputs["target"] = describe_data(config.target, fp)
+        inputs["target"] = describe_data(config.target, fp, content_only=True)
     identity = run_identity("score", normalise_params(config.params()), inputs)
     if is_url(config.out):
         return run_remote(config, str(config.out), identity, shard, shards)

@@ -161,7 +161,13 @@ def run(config: SelectConfig) -> dict[str, Any]:
     Proposition 2 holds.
     """
     from batctl import selection as sel
-    from batctl.artifacts import check_same_model, describe_input, open_output, require_stage
+    from batctl.artifacts import (
+        check_same_model,
+        describe_input,
+        describe_model,
+        open_output,
+        require_stage,
+    )
     from batctl.remote import local_specs
     from batctl.samples import describe_data
 
@@ -188,7 +194,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
     if config.loads_model:
         from batctl.safeload import check_adapter_dir
 
-        model = describe_input(config.model, fp)
+        model = describe_model(config.model, fp)
         recorded = source.inputs.get("model")
         if isinstance(recorded, dict) and recorded.get("fingerprint") != model["fingerprint"]:
             raise BatctlError(

@@ -17,13 +17,13 @@ class SurrogateConfig(TrainingOptions):
 
 def run(config: SurrogateConfig) -> dict[str, Any]:
     """Train the surrogate adapter into `--out`; returns a summary (steps, losses, sizes)."""
-    from batctl.artifacts import describe_input
+    from batctl.artifacts import describe_model
     from batctl.distributed import check_batch_fits, rank_output, world_from_env
     from batctl.samples import describe_data
 
     # setup
     inputs = {
-        "model": describe_input(config.model, config.strict_fingerprints),
+        "model": describe_model(config.model, config.strict_fingerprints),
         "data": describe_data(config.data, config.strict_fingerprints),
     }
     check_batch_fits(config.batch_size, world_from_env())

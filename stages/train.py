@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from batctl.config import TrainingOptions
 from batctl.errors import BatctlError
+from batctl.selection_files import SAMPLES_TAR
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,16 @@ class TrainConfig(TrainingOptions):
         return out
 
 
-SAMPLES_TAR = "samples.tar"
-
-
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the final adapter into `--out`; returns a summary (steps, losses, set sizes)."""
-    from batctl.artifacts import check_same_model, describe_input, require_stage
+    from batctl.artifacts import check_same_model, describe_input, describe_model, require_stage
     from batctl.distributed import check_batch_fits, rank_output, world_from_env
     from batctl.safeload import check_adapter_dir
     from batctl.samples import describe_data, load_samples
+    from batctl.selection_files import warn_other_adaptation
 
     # setup: every input checked before the model is loaded
-    model = describe_input(config.model, config.strict_fingerprints)
+    model = describe_model(config.model, config.strict_fingerprints)
     inputs: dict[str, Any] = {
         "model": model,
         "data": describe_data(config.data, config.strict_fingerprints),
@@ -132,6 +131,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 allow_empty=True,
                 max_sample_bytes=config.max_sample_bytes(),
             )
+        if config.selection is not None:
+            warn_other_adaptation(config.selection, len(adaptation), len(backbone))
         reselector = make_reselector(config, adaptation, backbone, out.work)
         task = load_task(config.task_settings(), config.task)
         if config.init == "surrogate":

@@ -98,7 +98,7 @@ def test_image_folder_with_metadata_jsonl(tmp_path):
 
 
 def test_hf_save_to_disk_text_and_images(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in [dev]: a missing package is a broken environment, not a skip
     from PIL import Image
 
     lm = datasets.Dataset.from_dict(

@@ -223,6 +223,7 @@ def test_text_only_tars_are_lm_pools(tmp_path):
         {"__key__": "x0", "json": json.dumps({"foo": 1})},  # none of the known fields
         {"__key__": "x1", "json": b"{not json"},
         {"__key__": "x2", "json": json.dumps({"caption": "no image"})},
+        {"__key__": "x3", "json": json.dumps({"text": 5})},  # a known field, not a string
     ]
     path = write_tar(tmp_path / "lm.tar", samples)
     pool = open_pool([path])
@@ -232,8 +233,9 @@ def test_text_only_tars_are_lm_pools(tmp_path):
     assert good[1].record["instruction"] == "Add" and good[1].record["input"] == "1 2"
     assert good[2].record["input"] == "" and good[2].record["output"] == "hi"
     assert good[3].record["text"] == "from json"
-    assert [b.code for b in pool.bad] == ["fields", "json", "fields"]
+    assert [b.code for b in pool.bad] == ["fields", "json", "fields", "fields"]
     assert "none of the known fields" in pool.bad[0].reason
+    assert "'text' must be a string, got int" in pool.bad[3].reason
     assert_roundtrip(good, tmp_path)
 
 

@@ -65,6 +65,20 @@ def test_split_is_disjoint_seeded_and_keys_carry_the_domain(corpus):
     assert demo_lm.split(corpus, seed=1)["adaptation"] != parts["adaptation"]
 
 
+def test_an_error_inside_the_world_build_is_raised_after_one_build(tmp_path):
+    from batctl.errors import BatctlError
+
+    calls = []
+
+    def build(work):
+        calls.append(work)
+        raise BatctlError("the corpus is missing")
+
+    with pytest.raises(BatctlError, match="the corpus is missing"):
+        cached_world("t", {"v": 1}, build, cache=tmp_path)
+    assert len(calls) == 1
+
+
 def test_cached_world_is_built_once_and_a_broken_entry_is_rebuilt(tmp_path):
     calls = []
 

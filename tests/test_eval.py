@@ -40,6 +40,22 @@ def snapshot(d: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def surrogate_eval(runs, out, *extra) -> list:
+    """`batctl eval` of the surrogate on the held-out data into `out`, plus `extra` flags."""
+    return [
+        "eval",
+        "--model",
+        runs["model"],
+        "--data",
+        runs["data"],
+        "--adapter",
+        runs["surrogate"],
+        "--out",
+        out,
+        *extra,
+    ]
+
+
 def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
 
@@ -83,23 +99,16 @@ def runs(tmp_path_factory):
 
 def test_eval_end_to_end_then_up_to_date(runs, cli):
     out = runs["root"] / "eval"
-    args = [
-        "eval",
-        "--model",
-        runs["model"],
-        "--data",
-        runs["data"],
-        "--adapter",
-        runs["surrogate"],
+    args = surrogate_eval(
+        runs,
+        out,
         "--reference",
         runs["surrogate"],
         "--benchmark",
         runs["benchmark"],
-        "--out",
-        out,
         "--batch-size",
         3,
-    ]
+    )
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
 
@@ -138,17 +147,7 @@ def test_eval_end_to_end_then_up_to_date(runs, cli):
 
 def test_eval_without_reference_says_so(runs, cli):
     out = runs["root"] / "eval-noref"
-    result = cli(
-        "eval",
-        "--model",
-        runs["model"],
-        "--data",
-        runs["data"],
-        "--adapter",
-        runs["surrogate"],
-        "--out",
-        out,
-    )
+    result = cli(*surrogate_eval(runs, out))
     assert result.exit_code == 0, result.stderr
     assert "weight difference: no --reference given" in (out / "report.md").read_text()
     assert not (out / "weight_diff.png").exists() and (out / "heldout_loss.png").exists()
@@ -196,19 +195,7 @@ def test_malformed_benchmark_line_is_one_error_naming_file_and_line(runs, cli):
         json.dumps(QUESTIONS[0]) + "\n" + '{"context": "x", "choices": ["a", "b"], "label": 7}\n'
     )
     out = runs["root"] / "eval-bad-benchmark"
-    result = cli(
-        "eval",
-        "--model",
-        runs["model"],
-        "--data",
-        runs["data"],
-        "--adapter",
-        runs["surrogate"],
-        "--benchmark",
-        bad,
-        "--out",
-        out,
-    )
+    result = cli(*surrogate_eval(runs, out, "--benchmark", bad))
     assert result.exit_code == 1
     lines = error_lines(result)
     assert len(lines) == 1 and f"{bad}:2:" in lines[0] and "Traceback" not in result.stderr
@@ -250,6 +237,17 @@ def test_adapter_that_is_not_an_adapter_output_is_refused(runs, cli):
     )
     assert result.exit_code == 1
     assert "not a finished batctl surrogate or train output" in result.stderr
+
+
+def test_diffusion_eval_flags_for_an_lm_are_one_line_naming_them(runs, cli):
+    out = runs["root"] / "eval-foreign-flags"
+    prompts = runs["root"] / "prompts.txt"
+    prompts.write_text("a photo\n")
+    result = cli(*surrogate_eval(runs, out, "--prompts", prompts, "--clip", runs["root"]))
+    assert result.exit_code == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and "--clip, --prompts: not read for an lm model" in lines[0], lines
+    assert not out.exists()
 
 
 def test_row_labels_are_unique_and_never_backbone():

@@ -173,3 +173,25 @@ def test_a_killed_bm25_run_resumes_to_the_uninterrupted_store(setup, tmp_path):
     assert (out / "method.safetensors").read_bytes() == (
         reference / "method.safetensors"
     ).read_bytes()
+
+
+def test_embed_skips_a_sample_the_task_cannot_take_with_its_reason_and_strict_stops(caplog):
+    """A sample the family's collate refuses: skipped with the reason, fatal under --strict."""
+    from batctl.data import Sample
+    from batctl.errors import BadSampleError
+    from batctl.methods.embed import EmbedScorer
+
+    def encode(samples, role):
+        if any(s.key == "bad" for s in samples):
+            raise BadSampleError("pool.jsonl", "bad", "no text", "give it a text field")
+        return np.ones((len(samples), 2))
+
+    samples = [
+        Sample(key=k, part=0, offset=i, raw={}, record={}) for i, k in enumerate(("a", "bad", "c"))
+    ]
+    direction = np.array([1.0, 0.0])
+    results = EmbedScorer(encode, direction, 4, "lm").score(samples, [0, 1, 2])
+    assert results[1] is None and results[0] is not None and results[2] is not None
+    assert "skipped bad" in caplog.text and "no text (give it a text field)" in caplog.text
+    with pytest.raises(BadSampleError, match="no text"):
+        EmbedScorer(encode, direction, 4, "lm", strict=True).score(samples, [0, 1, 2])

@@ -111,3 +111,21 @@ def test_the_readme_pipeline_toml_parses_for_every_stage(tmp_path: Path) -> None
         assert config.out is not None
     assert build_config("eval", {}, path).data.endswith("heldout.jsonl")
     assert not build_config("select", {}, path).loads_model
+
+
+def test_the_readme_pipeline_toml_loads_for_every_stage(monkeypatch, tmp_path) -> None:
+    """The README's pipeline file (a `toml` block) is valid for each of the five stages."""
+    from batctl.cli import build_config
+
+    blocks = re.findall(
+        r"^( *)```toml\n(.*?)^\1```", README.read_text(encoding="utf-8"), re.S | re.M
+    )
+    assert len(blocks) == 1, "the README's pipeline.toml block is gone or doubled"
+    indent, body = blocks[0]
+    text = "\n".join(line[len(indent) :] for line in body.splitlines())
+    monkeypatch.chdir(REPO)  # its paths are a clone's (examples/...)
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text, encoding="utf-8")
+    for stage in ("surrogate", "score", "select", "train", "eval"):
+        config = build_config(stage, {}, path)
+        assert config.out is not None, stage

@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
+import s3fs  # noqa: F401  in [dev]: a missing package is a broken environment, not a skip
 import zarr
 
 from batctl.scorestore import ScoreStore
 
 from .test_score_stage import read_store, run_score, score_args, setup  # noqa: F401
 
-pytest.importorskip("s3fs")
 BUCKET = "batctl-test"
 
 

@@ -202,6 +202,32 @@ def test_torchrun_rank_and_world_size_pick_the_shard(setup, tmp_path):
     assert ScoreStore.open(out).is_complete()
 
 
+def test_a_copy_of_the_model_and_data_with_new_mtimes_is_the_same_run(cli, setup, tmp_path):
+    """Each node of a sharded run holds its own copy of the inputs: mtimes must not matter."""
+    out = tmp_path / "store"
+    assert run_score(setup, out, "--shard", "0/2").wait() == 0  # half the store, unpublished
+    later = time.time() + 100
+    for path in [*setup["lm"].iterdir(), setup["domain"]]:
+        os.utime(path, (later, later))
+    assert run_score(setup, out, "--shard", "1/2").wait() == 0
+    assert ScoreStore.open(out).is_complete()
+    again = cli(*score_args(setup, out))
+    assert again.exit_code == 0 and "up to date" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "rank, world, problem",
+    [("x", "2", "expected i/N"), ("3", "2", "need 0 <= i < N"), ("0", "0", "need 0 <= i < N")],
+)
+def test_a_bad_rank_or_world_size_is_one_line_naming_them(rank, world, problem):
+    from batctl.stages.score import ScoreConfig
+
+    from batctl.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"RANK='{rank}' WORLD_SIZE='{world}'.*{problem}"):
+        ScoreConfig().shard_of({"RANK": rank, "WORLD_SIZE": world})
+
+
 def test_a_surrogate_on_another_backbone_is_one_clear_line(cli, setup, tmp_path):
     other = build_tiny_lm(tmp_path / "other", seed=3)
     args = score_args(setup, tmp_path / "o")

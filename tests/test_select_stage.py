@@ -251,3 +251,16 @@ def test_the_default_path_does_not_import_torch(scored, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False False"
     assert (tmp_path / "o" / "gamma-0.5" / "samples.tar").is_file()
+
+
+def test_training_a_selection_with_another_adaptation_set_warns_with_the_real_gamma(
+    tmp_path, caplog
+):
+    from batctl.selection_files import SELECTION_JSON, warn_other_adaptation
+
+    (tmp_path / SELECTION_JSON).write_text(json.dumps({"n_adaptation": 30, "gamma": 0.75}))
+    warn_other_adaptation(tmp_path, 30, 10)
+    assert not caplog.records
+    warn_other_adaptation(tmp_path, 10, 10)
+    assert "made for 30 adaptation samples (gamma 0.75) but --data has 10" in caplog.text
+    assert "trains at gamma 0.5" in caplog.text

@@ -229,6 +229,7 @@ def decode_image(data: bytes):
 
 
 def decode_text(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text; a Bad record (naming `what`, the member) when it is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -237,6 +238,7 @@ def decode_text(data: bytes, what: str) -> str:
 
 
 def decode_json(data: bytes, what: str = ".json member") -> Any:
+    """The JSON value in UTF-8 `data`; a Bad record (naming `what`) when it does not parse."""
     text = decode_text(data, what)
     try:
         return json.loads(text)
@@ -310,6 +312,14 @@ def record_from_raw(raw: dict[str, bytes], *, require_caption: bool = True) -> d
         return record
     if meta is not None and isinstance(meta.get("caption"), str):
         raise Bad("fields", "record has a caption but no image")
+    if meta is not None:
+        # A known field of the wrong type: name it, rather than "none of the known fields".
+        for name in ("text", "instruction", "output", "caption"):
+            if name in meta and not isinstance(meta[name], str):
+                raise Bad(
+                    "fields",
+                    f"field {name!r} must be a string, got {type(meta[name]).__name__}",
+                )
     have = ", ".join(sorted(meta)) if meta is not None else ", ".join(sorted(raw))
     raise Bad(
         "fields",

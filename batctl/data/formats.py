@@ -483,4 +483,6 @@ READERS: dict[str, type[Reader]] = {
 def make_reader(
     part: Part, *, paragraphs: bool = False, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 ) -> Reader:
+    """The reader for one pool or data part, by its kind (tar, jsonl, folder, ...); `paragraphs`
+    splits text records into paragraphs, `max_bytes` caps one sample's size in bytes."""
     return READERS[part.kind](part, paragraphs=paragraphs, max_bytes=max_bytes)

@@ -101,6 +101,7 @@ def _dedupe_key(path: Path) -> str:
 
 
 def hf_dataset_dir(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk."""
     return (path / "state.json").is_file() or (path / "dataset_info.json").is_file()
 
 

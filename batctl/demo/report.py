@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batctl.demo.world import World
+from batctl.metrics.report import METRICS_JSON
 from batctl.selection import value_name
 from batctl.selection_files import read_chosen
 
@@ -42,7 +43,7 @@ def collect(
 ) -> dict[str, Any]:
     """Every adapter's held-out loss, weight difference to θ* (final and per step), training
     loss curve and selection make-up, from the eval, train and select outputs under ``out``."""
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())["rows"]
+    metrics = json.loads((out / "eval" / METRICS_JSON).read_text())["rows"]
     plan: list[tuple[str, float | None]] = [("none", None)]
     for g in gammas:
         plan.append(("random", g))

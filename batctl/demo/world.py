@@ -192,17 +192,21 @@ def cached_world(
     path = (cache or cache_dir()) / "demo" / f"{name}-{identity_hash(params)}"
     path.parent.mkdir(parents=True, exist_ok=True)
     for force in (False, True):
+        building = False
         try:
             with open_output(
                 path, stage="demo-world", params=dict(params), inputs={}, force=force
             ) as out:
+                building = True
                 log.info("building the %s demo world in %s (cached for later runs)", name, path)
                 build(out.work).save()
             return World.load(path), True
         except UpToDate:
             return World.load(path), False
         except BatctlError:
-            if force:
+            # Only a cache entry open_output refused is rebuilt; an error from the build itself
+            # would only come back after a second full build.
+            if force or building:
                 raise
             log.warning("%s is not a complete demo world; rebuilding it", path)
             if not is_complete(path):

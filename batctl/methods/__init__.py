@@ -23,31 +23,6 @@ SURROGATE_METHODS = ("influence", "hybrid", "fusion")
 """Methods that read --surrogate (the others need no surrogate and no backward pass)."""
 
 
-AUTO_METHODS: dict[tuple[str, bool, bool], tuple[str, tuple[str, ...]]] = {
-    ("lm", False, False): ("mmr", ()),
-    ("lm", False, True): ("mmr", ()),
-    ("diffusion", False, False): ("influence", ()),
-    ("diffusion", False, True): ("influence", ()),
-    ("diffusion", True, False): ("mmr", ("embed",)),
-    ("diffusion", True, True): ("mmr", ("embed",)),
-}
-"""What `score --method auto` runs, by (model family, --clip given, --surrogate given): the
-method and its --fuse parts, the best measured on benchmarks/bat_quality.py's dev worlds. LMs:
-mmr. Diffusion: a DreamBooth set's images come with the instance prompt only, which names no
-subject a pool caption could match (caption bm25 and mmr rank the dev digit's pool images at
-AUC 0.50 and 0.00), so the images decide: whenever a CLIP is given, mmr over CLIP retrieval
-(`--fuse embed`: CLIP relevance, CLIP image cosine for redundancy), which on four dev digits
-ended below CLIP retrieval alone on average and in 5 of 8 digit × γ cases (a lead inside the
-seed-to-seed spread, taken by a rule written before the runs), and CLIP retrieval had beaten
-the z-sum with influence in 7 of 8; else influence (which needs the surrogate)."""
-
-
-def auto_method(family: str, clip: bool, surrogate: bool) -> tuple[str, tuple[str, ...]] | None:
-    """The (method, --fuse parts) `--method auto` means for `family` with or without --clip
-    and --surrogate; None when there is none (a CLIP model for an LM)."""
-    return AUTO_METHODS.get((family, bool(clip), bool(surrogate)))
-
-
 FUSE_DEFAULTS = {"fusion": ("influence", "bm25", "tfidf"), "mmr": ("bm25", "tfidf")}
 """The --fuse parts of each method that fuses, when the flag is not given."""
 
@@ -102,9 +77,7 @@ __all__ = [
     "Method",
     "Result",
     "Scorer",
-    "AUTO_METHODS",
     "FUSE_DEFAULTS",
-    "auto_method",
     "fuse_parts",
     "make_method",
     "reads_surrogate",

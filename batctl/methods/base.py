@@ -6,13 +6,15 @@ never knows which method it runs, and `select` never knows which method wrote th
 
 The life of a method in one `score` run:
 
-    method = make_method(config)                  # cheap: flags only, no model, no pool pass
-    inputs = method.inputs(config)                # extra inputs for the run's identity
+    method = make_method(config.method)           # cheap: no model, no pool pass
     scorer = method.prepare(work, pool, config)   # under the set-up lock: fit corpus statistics,
                                                   # compute the target, load the model; saved in
                                                   # `work` and reloaded by every shard / resume
     for chunk in my chunks:
-        results = scorer.score(samples)           # [(score, layer scores) or None] per sample
+        results = scorer.score(samples, rows)     # [(score, layer scores) or None] per sample
+
+Which flags each method reads (and so which make a run's identity) is `ScoreConfig`'s, beside
+the flags themselves (`stages/score.py`).
 """
 
 from __future__ import annotations

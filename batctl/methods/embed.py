@@ -62,9 +62,11 @@ def clip_encoder(
 
 
 class EmbedScorer(Scorer):
-    def __init__(self, encode: Encoder, direction: np.ndarray, n: int, family: str) -> None:
+    def __init__(
+        self, encode: Encoder, direction: np.ndarray, n: int, family: str, strict: bool = False
+    ) -> None:
         self.encode, self.direction, self.family = encode, direction, family
-        self.n_adaptation = n
+        self.n_adaptation, self.strict = n, strict
 
     def score(self, samples: Sequence[Sample], rows: Sequence[int]) -> list[Result]:
         from batctl.errors import BadSampleError
@@ -74,13 +76,17 @@ class EmbedScorer(Scorer):
             return results
         try:
             values = unit_rows(self.encode(samples, "pool"))
-        except BadSampleError:  # one sample the task cannot take: score the rest one by one
+        except BadSampleError as exc:
+            if len(samples) == 1:
+                if self.strict:
+                    raise
+                log.warning(
+                    "skipped %s (the %s task cannot take it): %s", samples[0].key, self.family, exc
+                )
+                return [None]
+            # one sample the task cannot take: score the rest one by one
             for sample, row in zip(samples, rows, strict=True):
-                try:
-                    results += self.score([sample], [row])
-                except BadSampleError:
-                    log.warning("skipped %s: the %s task cannot take it", sample.key, self.family)
-                    results.append(None)
+                results += self.score([sample], [row])
             return results
         return [(float(v), None) for v in values @ self.direction]
 
@@ -113,4 +119,6 @@ class Embed(Method):
             )
             log.info("embed: centroid of %d adaptation embeddings", len(adaptation))
         arrays, meta = load_state(path)
-        return EmbedScorer(encode, arrays["direction"], int(meta["n_adaptation"]), family)
+        return EmbedScorer(
+            encode, arrays["direction"], int(meta["n_adaptation"]), family, config.strict
+        )

@@ -16,10 +16,10 @@ from typing import Any
 
 from batctl.data import Sample
 from batctl.methods.base import Method, Result, Scorer
+from batctl.scorestore import TARGET
 
 log = logging.getLogger("batctl.score")
 
-TARGET = "target.safetensors"
 TARGET_BATCH = 8
 """The target is part of the store every shard and resumed run shares, so it must not depend on
 --batch-size (which may change between runs): it is computed in batches of this many samples."""
@@ -107,11 +107,13 @@ def score_batch(
             for _, single in score_batch([sample], task, engine, want_layers, strict):
                 yield i, single
         return
-    except BadSampleError:
+    except BadSampleError as exc:
         if strict or len(samples) == 1:
             if strict:
                 raise
-            log.warning("skipped %s: the %s task cannot take it", samples[0].key, task.family)
+            log.warning(
+                "skipped %s (the %s task cannot take it): %s", samples[0].key, task.family, exc
+            )
             yield 0, None
             return
         for i, sample in enumerate(samples):

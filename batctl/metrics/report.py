@@ -17,6 +17,8 @@ METRIC_NOTES = {
     "weight_diff": "||θ − θ*||₂ over the adapter's trainable parameters, θ* = --reference",
     "weight_diff_rel": "||θ − θ*||₂ / ||θ*||₂ (the paper's measure)",
 }
+METRICS_JSON = "metrics.json"
+"""eval's rows and context, in its --out."""
 CURVE = "weight_diff_curve"
 NOT_METRICS = {"adapter", CURVE}
 

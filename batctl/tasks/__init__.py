@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,50 @@ if TYPE_CHECKING:
     from batctl.tasks.base import Task, TaskSettings
 
 FAMILIES = ("lm", "diffusion")
+
+Choice = tuple[str, tuple[str, ...]]
+"""A selection method and its --fuse parts (() for the method's own default)."""
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What a stage may know of a family before its model is loaded (no torch import)."""
+
+    eval_flags: tuple[str, ...]
+    """eval flags only this family reads; eval refuses them for a model of another family."""
+
+    auto: Choice
+    """What `score --method auto` runs without --clip."""
+
+    auto_with_clip: Choice | None
+    """What `score --method auto` runs with --clip (None: --clip is not for this family)."""
+
+
+TRAITS: dict[str, FamilyTraits] = {
+    "lm": FamilyTraits(eval_flags=("benchmark",), auto=("mmr", ()), auto_with_clip=None),
+    "diffusion": FamilyTraits(
+        eval_flags=("prompts", "dino", "clip"),
+        auto=("influence", ()),
+        auto_with_clip=("mmr", ("embed",)),
+    ),
+}
+"""Each family's traits. The auto methods are the best measured on benchmarks/bat_quality.py's
+dev worlds (benchmarks/SELECTION.md). LMs: mmr. Diffusion: a DreamBooth set's images come with
+the instance prompt only, which names no subject a pool caption could match (caption bm25 and
+mmr rank the dev digit's pool images at AUC 0.50 and 0.00), so the images decide: given a CLIP,
+mmr over CLIP retrieval (`--fuse embed`: CLIP relevance, CLIP image cosine for redundancy),
+which on four dev digits ended below CLIP retrieval alone on average and in 5 of 8 digit × γ
+cases (a lead inside the seed-to-seed spread, taken by a rule written before the runs), CLIP
+retrieval having beaten the z-sum with influence in 7 of 8; else influence (which needs the
+surrogate)."""
+
+
+def family_traits(family: str) -> FamilyTraits:
+    """The traits of `family` (one of FAMILIES)."""
+    try:
+        return TRAITS[family]
+    except KeyError:
+        raise UsageError(f"--task {family}: not implemented yet: see CHANGELOG") from None
 
 
 def detect_family(model: str) -> str:
