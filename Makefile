@@ -68,6 +68,7 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --train 48,3e-3,4 --out runs/bat-quality-overfit --methods influence bm25 tfidf dsir embed hybrid fusion mmr mmr-d7
 	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods mmr-clip embed --seeds 3 4 5 --out runs/bat-quality-digits-dev
 	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --methods mmr-clip embed fusion-clip influence bm25 --out runs/bat-quality-digits-dev
+	$(PYTHON) benchmarks/bat_quality.py --family digits --domains seven zero three six --world-seed 1 --methods mmr-clip embed --out runs/bat-quality-digits-dev-ws1
 	$(PYTHON) benchmarks/bat_quality.py --family digits --out runs/bat-quality-digits
 	$(PYTHON) benchmarks/bat_quality.py --family digits --world-seed 1 --methods mmr-clip embed bm25 influence --out runs/bat-quality-digits-ws1
 	$(PYTHON) benchmarks/pool_reports.py --default mmr-clip runs/bat-quality-digits/bat_quality.json runs/bat-quality-digits-ws1/bat_quality.json --out runs/bat_quality-digits-pooled.md
