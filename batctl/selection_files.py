@@ -27,7 +27,10 @@ def warn_other_adaptation(selection: Path, n_here: int, m_here: int) -> None:
     actually read."""
     import logging
 
-    recorded = json.loads((selection / SELECTION_JSON).read_text(encoding="utf-8"))
+    path = selection / SELECTION_JSON
+    if not path.is_file():  # a selection another tool wrote: nothing recorded to compare
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
     n, gamma = recorded.get("n_adaptation"), recorded.get("gamma")
     if not isinstance(n, int) or n == n_here:
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from batctl.artifacts import describe_input, open_output
+from batctl.artifacts import describe_input, describe_model, open_output
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
@@ -42,7 +42,7 @@ def make_selection(root: Path, model: Path, records: list[dict]) -> Path:
     real webdataset.TarWriter.
     """
     scores = root / "scores"
-    with open_output(scores, stage="score", params={}, inputs={"model": describe_input(model)}):
+    with open_output(scores, stage="score", params={}, inputs={"model": describe_model(model)}):
         pass
     selection = root / "selection"
     with open_output(

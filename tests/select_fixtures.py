@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from batctl.artifacts import describe_input, open_output
+from batctl.artifacts import describe_model, open_output
 from batctl.data import open_pool
 from batctl.samples import describe_data
 from batctl.scorestore import SCORED, ScoreStore
@@ -77,7 +77,7 @@ def make_score_dir(
     model = model or out.parent / "model"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text('{"architectures": ["TinyForCausalLM"]}')
-    inputs = {"model": describe_input(model), "pool": describe_data(specs)}
+    inputs = {"model": describe_model(model), "pool": describe_data(specs)}
     params = {"paragraphs": False, "chunk_size": chunk_size}
 
     def fill(work: Path) -> None:

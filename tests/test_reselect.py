@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from batctl import prop2
-from batctl.artifacts import describe_input, open_output
+from batctl.artifacts import describe_model, open_output
 from batctl.reselect import _sides_with_one_more, greedy_order, reordered
 from batctl.samples import load_samples
 from batctl.tasks.base import TaskSettings
@@ -108,7 +108,7 @@ SALAD = [
 def selection_dir(path, model, groups):
     """A select output whose samples.tar holds `groups` [(key prefix, records)], via TarWriter."""
     with open_output(
-        path, stage="select", params={}, inputs={"model": describe_input(model)}
+        path, stage="select", params={}, inputs={"model": describe_model(model)}
     ) as out:
         with wds.TarWriter(str(out.work / "samples.tar")) as sink:
             for prefix, records in groups:
@@ -348,12 +348,12 @@ def test_the_loop_is_family_blind_on_a_tiny_stable_diffusion(cli, tmp_path):
     sd = build_tiny_diffusion(tmp_path / "sd", seed=0)
     candidates = tmp_path / "cands"
     with open_output(
-        candidates, stage="select", params={}, inputs={"model": describe_input(sd)}
+        candidates, stage="select", params={}, inputs={"model": describe_model(sd)}
     ) as out:
         (out.work / "samples.tar").write_bytes((tmp_path / "cands.tar").read_bytes())
     initial = tmp_path / "init"
     with open_output(
-        initial, stage="select", params={}, inputs={"model": describe_input(sd)}
+        initial, stage="select", params={}, inputs={"model": describe_model(sd)}
     ) as out:
         with wds.TarWriter(str(out.work / "samples.tar")) as sink:
             for sample in wds.WebDataset(str(tmp_path / "cands.tar"), shardshuffle=False):

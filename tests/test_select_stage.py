@@ -258,6 +258,7 @@ def test_training_a_selection_with_another_adaptation_set_warns_with_the_real_ga
 ):
     from batctl.selection_files import SELECTION_JSON, warn_other_adaptation
 
+    warn_other_adaptation(tmp_path, 10, 10)  # no selection.json: nothing to compare
     (tmp_path / SELECTION_JSON).write_text(json.dumps({"n_adaptation": 30, "gamma": 0.75}))
     warn_other_adaptation(tmp_path, 30, 10)
     assert not caplog.records
