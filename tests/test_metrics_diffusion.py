@@ -299,6 +299,6 @@ def test_labelled_grid_scales_small_renders_up_and_writes_labels(tmp_path):
     grid = Image.open(tmp_path / "g.png").convert("RGB")
     assert w == 2 * dm.GRID_TILE and h > 2 * dm.GRID_TILE  # room for the title and captions
     # the tiles are scaled up whole (nearest neighbour) and the captions are drawn in black
-    pixels = list(grid.getdata())
+    pixels = [tuple(p) for p in np.asarray(grid).reshape(-1, 3).tolist()]
     assert pixels.count((200, 0, 0)) == 3 * dm.GRID_TILE * dm.GRID_TILE
     assert any(sum(p) < 200 for p in pixels)  # dark text (the font may antialias)
