@@ -61,6 +61,9 @@ bench-quality: install
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 3 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws3
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 4 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws4
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json runs/bat-quality-ws2/bat_quality.json runs/bat-quality-ws3/bat_quality.json runs/bat-quality-ws4/bat_quality.json --out runs/bat_quality-lm-pooled-40.md
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 5 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws5
+	$(PYTHON) benchmarks/bat_quality.py --world-seed 6 --methods mmr bm25 tfidf dsir embed --out runs/bat-quality-ws6
+	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json runs/bat-quality-ws1/bat_quality.json runs/bat-quality-ws2/bat_quality.json runs/bat-quality-ws3/bat_quality.json runs/bat-quality-ws4/bat_quality.json runs/bat-quality-ws5/bat_quality.json runs/bat-quality-ws6/bat_quality.json --out runs/bat_quality-lm-pooled-56.md
 	$(PYTHON) benchmarks/bat_quality.py --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-s345
 	$(PYTHON) benchmarks/bat_quality.py --world-seed 1 --methods mmr bm25 tfidf --seeds 3 4 5 --out runs/bat-quality-ws1-s345
 	$(PYTHON) benchmarks/pool_reports.py runs/bat-quality/bat_quality.json+runs/bat-quality-s345/bat_quality.json runs/bat-quality-ws1/bat_quality.json+runs/bat-quality-ws1-s345/bat_quality.json --out runs/bat_quality-lm-pooled-6seeds.md
