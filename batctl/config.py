@@ -468,6 +468,12 @@ class ModelOptions(OutputOptions):
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code. Off unless you trust the model's authors."""
 
+    def family(self) -> str:
+        """The --model's family: --task, else detected from its config files (cheap, no torch)."""
+        from batctl.tasks import detect_family
+
+        return detect_family(str(self.model)) if self.task == "auto" else self.task
+
     def problems(self) -> list[str]:
         from batctl.devices import device_problem
 

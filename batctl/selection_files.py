@@ -5,8 +5,11 @@ back. The one place that knows these files' names and fields."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("batctl.train")
 
 SELECTION_JSON = "selection.json"
 SAMPLES_TAR = "samples.tar"
@@ -25,8 +28,6 @@ def warn_other_adaptation(selection: Path, n_here: int, m_here: int) -> None:
 
     selection: one selection directory; n_here, m_here: the adaptation and pool samples train
     actually read."""
-    import logging
-
     path = selection / SELECTION_JSON
     if not path.is_file():  # a selection another tool wrote: nothing recorded to compare
         return
@@ -35,7 +36,7 @@ def warn_other_adaptation(selection: Path, n_here: int, m_here: int) -> None:
     if not isinstance(n, int) or n == n_here:
         return
     actual = n_here / (n_here + m_here) if n_here + m_here else 1.0
-    logging.getLogger("batctl.train").warning(
+    log.warning(
         "--selection %s was made for %d adaptation samples (gamma %s) but --data has %d: this "
         "run trains at gamma %.3g; select again with this --data for the gamma you asked for",
         selection, n, gamma, n_here, actual,

@@ -65,9 +65,9 @@ class EvalConfig(DataOptions):
 def check_family_flags(config: EvalConfig) -> None:
     """Refuse eval flags the --model's family does not read: they would be ignored in silence."""
     from batctl.errors import UsageError
-    from batctl.tasks import TRAITS, detect_family, family_traits
+    from batctl.tasks import TRAITS, family_traits
 
-    family = detect_family(str(config.model)) if config.task == "auto" else config.task
+    family = config.family()
     own = family_traits(family).eval_flags
     every = {name for traits in TRAITS.values() for name in traits.eval_flags}
     foreign = sorted(n for n in every - set(own) if getattr(config, n) is not None)

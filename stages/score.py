@@ -105,9 +105,9 @@ class ScoreConfig(DataOptions):
         family (raises UsageError when the family cannot be told or has no auto method)."""
         if self.method != "auto":
             return self
-        from batctl.tasks import detect_family, family_traits
+        from batctl.tasks import family_traits
 
-        family = detect_family(str(self.model)) if self.task == "auto" else self.task
+        family = self.family()
         traits = family_traits(family)
         chosen = traits.auto if self.clip is None else traits.auto_with_clip
         if chosen is None:

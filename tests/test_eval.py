@@ -40,16 +40,17 @@ def snapshot(d: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def surrogate_eval(runs, out, *extra) -> list:
-    """`batctl eval` of the surrogate on the held-out data into `out`, plus `extra` flags."""
+def eval_args(runs, out, *extra, model=None, adapter=None) -> list:
+    """`batctl eval` of `adapter` (default: the surrogate) on `model` (default: the tiny LM) and
+    the held-out data into `out`, plus `extra` flags."""
     return [
         "eval",
         "--model",
-        runs["model"],
+        model or runs["model"],
         "--data",
         runs["data"],
         "--adapter",
-        runs["surrogate"],
+        adapter or runs["surrogate"],
         "--out",
         out,
         *extra,
@@ -99,7 +100,7 @@ def runs(tmp_path_factory):
 
 def test_eval_end_to_end_then_up_to_date(runs, cli):
     out = runs["root"] / "eval"
-    args = surrogate_eval(
+    args = eval_args(
         runs,
         out,
         "--reference",
@@ -147,7 +148,7 @@ def test_eval_end_to_end_then_up_to_date(runs, cli):
 
 def test_eval_without_reference_says_so(runs, cli):
     out = runs["root"] / "eval-noref"
-    result = cli(*surrogate_eval(runs, out))
+    result = cli(*eval_args(runs, out))
     assert result.exit_code == 0, result.stderr
     assert "weight difference: no --reference given" in (out / "report.md").read_text()
     assert not (out / "weight_diff.png").exists() and (out / "heldout_loss.png").exists()
@@ -195,7 +196,7 @@ def test_malformed_benchmark_line_is_one_error_naming_file_and_line(runs, cli):
         json.dumps(QUESTIONS[0]) + "\n" + '{"context": "x", "choices": ["a", "b"], "label": 7}\n'
     )
     out = runs["root"] / "eval-bad-benchmark"
-    result = cli(*surrogate_eval(runs, out, "--benchmark", bad))
+    result = cli(*eval_args(runs, out, "--benchmark", bad))
     assert result.exit_code == 1
     lines = error_lines(result)
     assert len(lines) == 1 and f"{bad}:2:" in lines[0] and "Traceback" not in result.stderr
@@ -205,17 +206,7 @@ def test_malformed_benchmark_line_is_one_error_naming_file_and_line(runs, cli):
 def test_adapter_from_another_model_is_refused_naming_the_fix(runs, cli):
     other = build_tiny_lm(runs["root"] / "other-model", seed=1)
     out = runs["root"] / "eval-other"
-    result = cli(
-        "eval",
-        "--model",
-        other,
-        "--data",
-        runs["data"],
-        "--adapter",
-        runs["surrogate"],
-        "--out",
-        out,
-    )
+    result = cli(*eval_args(runs, out, model=other))
     assert result.exit_code == 1
     lines = error_lines(result)
     assert len(lines) == 1 and "--adapter" in lines[0] and "pass the --model they used" in lines[0]
@@ -224,17 +215,7 @@ def test_adapter_from_another_model_is_refused_naming_the_fix(runs, cli):
 
 def test_adapter_that_is_not_an_adapter_output_is_refused(runs, cli):
     out = runs["root"] / "eval-not-adapter"
-    result = cli(
-        "eval",
-        "--model",
-        runs["model"],
-        "--data",
-        runs["data"],
-        "--adapter",
-        runs["model"],
-        "--out",
-        out,
-    )
+    result = cli(*eval_args(runs, out, adapter=runs["model"]))
     assert result.exit_code == 1
     assert "not a finished batctl surrogate or train output" in result.stderr
 
@@ -243,7 +224,7 @@ def test_diffusion_eval_flags_for_an_lm_are_one_line_naming_them(runs, cli):
     out = runs["root"] / "eval-foreign-flags"
     prompts = runs["root"] / "prompts.txt"
     prompts.write_text("a photo\n")
-    result = cli(*surrogate_eval(runs, out, "--prompts", prompts, "--clip", runs["root"]))
+    result = cli(*eval_args(runs, out, "--prompts", prompts, "--clip", runs["root"]))
     assert result.exit_code == 2, result.stderr
     lines = error_lines(result)
     assert len(lines) == 1 and "--clip, --prompts: not read for an lm model" in lines[0], lines

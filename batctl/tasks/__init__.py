@@ -15,8 +15,6 @@ from batctl.errors import BatctlError, UsageError
 if TYPE_CHECKING:
     from batctl.tasks.base import Task, TaskSettings
 
-FAMILIES = ("lm", "diffusion")
-
 Choice = tuple[str, tuple[str, ...]]
 """A selection method and its --fuse parts (() for the method's own default)."""
 
@@ -52,6 +50,9 @@ which on four dev digits ended below CLIP retrieval alone on average and in 5 of
 cases (a lead inside the seed-to-seed spread, taken by a rule written before the runs), CLIP
 retrieval having beaten the z-sum with influence in 7 of 8; else influence (which needs the
 surrogate)."""
+
+
+FAMILIES = tuple(TRAITS)
 
 
 def family_traits(family: str) -> FamilyTraits:
